@@ -1,0 +1,249 @@
+"""Command-line interface (click).
+
+Offline commands (import, checkout, ls, diff, fsck, stats, gc) open the LMDB store
+directly; LMDB allows this while a daemon has the same store mounted. Every command takes
+``--json``; errors print one line ``oppiefs: <message>`` and exit with the error class's
+code, never a traceback (set OPPIEFS_DEBUG=1 to see one for unexpected errors).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import json
+import os
+import stat
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import tree
+from .errors import InvalidArgument, OppieError
+from .store import Store, default_store_dir
+
+
+def _fail(exc: BaseException, code: int) -> None:
+    click.echo(f"oppiefs: {exc}", err=True)
+    sys.exit(code)
+
+
+def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn OppieError into a one-line message + exit code; hide tracebacks."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except OppieError as exc:
+            _fail(exc, exc.exit_code)
+        except KeyboardInterrupt:
+            _fail(Exception("interrupted"), 130)
+        except Exception as exc:  # unexpected: still one line unless debugging
+            if os.environ.get("OPPIEFS_DEBUG"):
+                raise
+            _fail(Exception(f"internal error: {type(exc).__name__}: {exc}"), 1)
+
+    return wrapper
+
+
+store_option = click.option(
+    "--store", "store_dir", type=click.Path(file_okay=False, path_type=Path),
+    envvar="OPPIEFS_STORE", default=None,
+    help="Store directory (default /var/lib/oppiefs as root, ~/.local/share/oppiefs else).")
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+def _open(store_dir: Path | None, *, create: bool = False) -> Store:
+    return tree.open_store(store_dir or default_store_dir(), create=create)
+
+
+def _emit(as_json: bool, data: Any, text: str) -> None:
+    click.echo(json.dumps(data) if as_json else text)
+
+
+def _fmt_time(ns_or_s: float) -> str:
+    return _dt.datetime.fromtimestamp(ns_or_s).strftime("%Y-%m-%d %H:%M:%S")
+
+
+class _Main(click.Group):
+    """``oppiefs MOUNTPOINT`` is shorthand for ``oppiefs mount MOUNTPOINT``."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        if args and args[0] not in self.commands and not args[0].startswith("-") and (
+            "/" in args[0] or os.path.isdir(args[0])
+        ):
+            args = ["mount", *args]
+        return super().resolve_command(ctx, args)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="oppiefs")
+def main() -> None:
+    """oppiefs: fork / commit / prune whole directory states, served over FUSE."""
+
+
+@main.command("import")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--skip-special", is_flag=True,
+              help="Leave out FIFOs, sockets and device nodes (reported) instead of failing.")
+@store_option
+@json_option
+@_guarded
+def import_cmd(path: Path, skip_special: bool, store_dir: Path | None, as_json: bool) -> None:
+    """Import a host directory as a snapshot and print its id."""
+    src = Path(os.path.abspath(path))
+    if not src.exists() and not src.is_symlink():
+        raise tree.NotFound(f"{src}: no such directory")
+    if not src.is_dir():
+        raise InvalidArgument(f"{src}: not a directory")
+    with _open(store_dir, create=True) as store:
+        bar = None
+        progress = None
+        if sys.stderr.isatty() and not as_json:
+            from tqdm import tqdm
+
+            bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="import",
+                       file=sys.stderr, leave=False)
+
+            def progress(nbytes: int, nfiles: int) -> None:
+                bar.update(nbytes)
+
+        try:
+            report = tree.import_dir(store, src, skip_special=skip_special, progress=progress)
+        finally:
+            if bar is not None:
+                bar.close()
+    for item in report.skipped:
+        if not as_json:
+            click.echo(f"oppiefs: skipped {item}", err=True)
+    _emit(as_json, {"snapshot": report.root.hex(), "files": report.files, "bytes": report.bytes,
+                    "dirs": report.dirs, "symlinks": report.symlinks,
+                    "skipped": report.skipped}, report.root.hex())
+
+
+@main.command()
+@click.argument("snapshot")
+@click.argument("dest", type=click.Path(path_type=Path))
+@store_option
+@json_option
+@_guarded
+def checkout(snapshot: str, dest: Path, store_dir: Path | None, as_json: bool) -> None:
+    """Write a snapshot out as a real directory tree at DEST (new or empty)."""
+    with _open(store_dir) as store:
+        root = store.resolve(snapshot)
+        files = tree.checkout(tree.Reader(store), root, dest)
+    _emit(as_json, {"snapshot": root.hex(), "dest": str(dest), "files": files},
+          f"{root.hex()} -> {dest} ({files} files)")
+
+
+def _mode_string(e: tree.Entry) -> str:
+    return stat.filemode(e.st_mode)
+
+
+def _entry_json(path: bytes, e: tree.Entry) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "path": os.fsdecode(path), "type": tree.TYPE_NAMES[e.type], "mode": oct(e.mode),
+        "uid": e.uid, "gid": e.gid, "size": e.size, "mtime_ns": e.mtime_ns,
+    }
+    if e.type == tree.T_SYMLINK:
+        d["target"] = os.fsdecode(e.target)
+    return d
+
+
+@main.command("ls")
+@click.argument("spec", required=False)
+@store_option
+@json_option
+@_guarded
+def ls_cmd(spec: str | None, store_dir: Path | None, as_json: bool) -> None:
+    """List snapshots, or a directory inside one: ``ls ID[:PATH]``."""
+    with _open(store_dir) as store:
+        if spec is None:
+            recs = sorted(store.snapshots(), key=lambda r: r.time)
+            rows = [{"snapshot": r.id, "time": r.time, "files": r.files, "bytes": r.bytes,
+                     "parent": r.parent, "refs": r.refs, "pins": r.pins} for r in recs]
+            text = "\n".join(f"{r.id}  {_fmt_time(r.time)}  {r.files:>8} files  "
+                             f"{r.bytes:>14} bytes" for r in recs)
+            _emit(as_json, rows, text)
+            return
+        ident, _, sub = spec.partition(":")
+        root = store.resolve(ident)
+        reader = tree.Reader(store)
+        entry = reader.lookup(root, sub)
+        if entry.is_dir:
+            prefix = os.fsencode(sub.strip("/") + "/") if sub.strip("/") else b""
+            items = [(prefix + e.name, e) for e in reader.tree(entry.ref).entries]
+        else:
+            items = [(os.fsencode(sub), entry)]
+    lines = []
+    for path, e in items:
+        link = f" -> {os.fsdecode(e.target)}" if e.type == tree.T_SYMLINK else ""
+        lines.append(f"{_mode_string(e)} {e.uid:>5} {e.gid:>5} {e.size:>12} "
+                     f"{_fmt_time(e.mtime_ns / 1e9)} {os.fsdecode(path)!s}{link}")
+    _emit(as_json, [_entry_json(p, e) for p, e in items], "\n".join(lines))
+
+
+@main.command()
+@click.argument("a")
+@click.argument("b")
+@store_option
+@json_option
+@_guarded
+def diff(a: str, b: str, store_dir: Path | None, as_json: bool) -> None:
+    """Paths added, removed, modified or type-changed from snapshot A to snapshot B."""
+    with _open(store_dir) as store:
+        ra, rb = store.resolve(a), store.resolve(b)
+        changes = list(tree.diff_trees(tree.Reader(store), ra, rb))
+    _emit(as_json, [{"status": c.status, "path": os.fsdecode(c.path)} for c in changes],
+          "\n".join(f"{c.status:<12} {os.fsdecode(c.path)}" for c in changes))
+
+
+@main.command()
+@click.option("--repair", is_flag=True, help="Fix reference counts and queue orphans for GC.")
+@store_option
+@json_option
+@_guarded
+def fsck(repair: bool, store_dir: Path | None, as_json: bool) -> None:
+    """Verify every object's hash and recount references; exit 0 only when clean."""
+    with _open(store_dir) as store:
+        findings = store.check(repair=repair)
+        if repair and findings:
+            store.sweep()
+    _emit(as_json, {"clean": not findings, "findings": findings, "repaired": repair},
+          "\n".join(findings) if findings else "clean")
+    if findings and not repair:
+        sys.exit(12)
+
+
+@main.command()
+@store_option
+@json_option
+@_guarded
+def stats(store_dir: Path | None, as_json: bool) -> None:
+    """Objects, stored bytes, logical bytes and dedup ratio of the store."""
+    with _open(store_dir) as store:
+        s = store.stats()
+        garbage = store.garbage()
+    data = {"snapshots": s.snapshots, "nodes": s.nodes, "objects": s.objects,
+            "stored_bytes": s.stored_bytes, "logical_bytes": s.logical_bytes,
+            "dedup_ratio": round(s.dedup_ratio, 3), "garbage_objects": garbage}
+    _emit(as_json, data, "\n".join(f"{k:<16}{v}" for k, v in data.items()))
+
+
+@main.command()
+@store_option
+@json_option
+@_guarded
+def gc(store_dir: Path | None, as_json: bool) -> None:
+    """Delete objects no snapshot, node or in-flight commit needs any more."""
+    with _open(store_dir) as store:
+        n, nbytes = store.sweep()
+    _emit(as_json, {"objects_freed": n, "bytes_freed": nbytes},
+          f"freed {n} objects, {nbytes} bytes")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

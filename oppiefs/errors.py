@@ -1,0 +1,123 @@
+"""Error types shared by every layer.
+
+Storage code raises these; each surface translates them in exactly one place: fs.py into
+``FUSEError(errno)``, control.py into ``{"ok": false, "error": NAME}`` replies, the CLI into
+a one-line message and the class's exit code. Anything else that escapes is a bug and is
+reported as EIO.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class OppieError(Exception):
+    """Base class: carries the errno name a client sees and the CLI exit code."""
+
+    errno_name = "EIO"
+    exit_code = 1
+
+    @property
+    def errno(self) -> int:
+        return getattr(_errno, self.errno_name)
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.errno_name
+
+
+class InvalidArgument(OppieError):
+    errno_name = "EINVAL"
+    exit_code = 2
+
+
+class NotFound(OppieError):
+    errno_name = "ENOENT"
+    exit_code = 3
+
+
+class AlreadyExists(OppieError):
+    errno_name = "EEXIST"
+    exit_code = 4
+
+
+class Busy(OppieError):
+    errno_name = "EBUSY"
+    exit_code = 5
+
+
+class NoSpace(OppieError):
+    errno_name = "ENOSPC"
+    exit_code = 6
+
+
+class PermissionDenied(OppieError):
+    errno_name = "EACCES"
+    exit_code = 7
+
+
+class Unsupported(OppieError):
+    """Something the snapshot model cannot represent (device nodes, redirect xattrs...)."""
+
+    errno_name = "EOPNOTSUPP"
+    exit_code = 8
+
+
+class ReadOnly(OppieError):
+    errno_name = "EROFS"
+    exit_code = 9
+
+
+class Corrupt(OppieError):
+    """A stored object does not hash to its id, or is missing: never return wrong bytes."""
+
+    errno_name = "EIO"
+    exit_code = 10
+
+
+class NotMounted(OppieError):
+    errno_name = "ENOTCONN"
+    exit_code = 11
+
+
+BY_NAME: dict[str, type[OppieError]] = {
+    cls.errno_name: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        Busy,
+        NoSpace,
+        PermissionDenied,
+        Unsupported,
+        ReadOnly,
+        NotMounted,
+    )
+}
+
+
+def from_errno_name(name: str, message: str) -> OppieError:
+    """Rebuild the right subclass from a control reply (used by the client)."""
+    cls = BY_NAME.get(name)
+    if cls is None:
+        err = OppieError(message)
+        err.errno_name = name if hasattr(_errno, name) else "EIO"
+        return err
+    return cls(message)
+
+
+def from_oserror(exc: OSError, what: str) -> OppieError:
+    """Map an OSError from host I/O to the matching OppieError with a precise message."""
+    text = f"{what}: {exc.strerror or exc}"
+    mapping: dict[int, type[OppieError]] = {
+        _errno.ENOENT: NotFound,
+        _errno.ENOTDIR: InvalidArgument,
+        _errno.EACCES: PermissionDenied,
+        _errno.EPERM: PermissionDenied,
+        _errno.ENOSPC: NoSpace,
+        _errno.EDQUOT: NoSpace,
+        _errno.EROFS: ReadOnly,
+        _errno.EBUSY: Busy,
+        _errno.EEXIST: AlreadyExists,
+    }
+    return mapping.get(exc.errno or 0, OppieError)(text)

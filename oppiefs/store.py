@@ -1,0 +1,637 @@
+"""Content-addressed object store on one LMDB environment.
+
+Why LMDB: one file, crash-safe copy-on-write transactions, readers never block, many
+processes (daemon + offline CLI) can share it. Every durable fact lives here, and every
+fact that must change together changes in one write transaction.
+
+Named databases:
+  objects    oid -> kind byte + payload; oid = blake3(payload), verified on every read
+  refs       oid -> u64 count of references from other objects and snapshot records
+  zero       oid -> u64 generation at which the object became (or was found) unreferenced;
+             the sweeper's work list, so GC never scans the whole store
+  snapshots  root oid -> JSON record {refs, pins, parent, time, bytes, files}
+  nodes      node name -> JSON record (owned by state.py, stored here for atomicity)
+  sessions   u64 session id -> JSON {pid, gen}: in-flight imports/commits
+  meta       counters: gen, objects, stored_bytes
+
+GC safety: a new object starts at count 0 and is listed in ``zero`` with the current
+generation. The sweeper deletes a zero-count object only if it became unreferenced before
+the oldest in-flight session began, so objects an unpublished commit has written (or found
+and reused) are never swept. Publishing a snapshot and ending its session happen in the
+same transaction as the last object writes. Sessions of dead processes are discarded.
+
+Children of TREE and LIST objects are needed to adjust counts; the codec lives in tree.py
+and is injected as ``children_of`` so this module knows nothing about tree layout.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import blake3
+import lmdb
+
+from .errors import Corrupt, InvalidArgument, NoSpace, NotFound, OppieError, PermissionDenied
+
+KIND_CHUNK = b"C"
+KIND_LIST = b"L"
+KIND_TREE = b"T"
+KINDS = (KIND_CHUNK, KIND_LIST, KIND_TREE)
+
+ChildrenOf = Callable[[bytes, bytes], Iterable[bytes]]
+
+_U64 = struct.Struct("<Q")
+_INITIAL_MAP = 1 << 40  # address space only: LMDB files grow with use, not with map size
+_DBS = ("objects", "refs", "zero", "snapshots", "nodes", "sessions", "meta")
+
+
+def oid_of(payload: bytes | memoryview) -> bytes:
+    return blake3.blake3(payload).digest()
+
+
+def default_store_dir() -> Path:
+    env = os.environ.get("OPPIEFS_STORE")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/oppiefs")
+    return Path.home() / ".local/share/oppiefs"
+
+
+def _no_children(kind: bytes, payload: bytes) -> Iterable[bytes]:
+    if kind != KIND_CHUNK:
+        raise Corrupt(f"no codec for object kind {kind!r}")
+    return ()
+
+
+@dataclass
+class SnapshotRecord:
+    """One published snapshot: listed while refs > 0, kept alive while refs or pins > 0."""
+
+    root: bytes
+    refs: int
+    pins: int
+    parent: str | None
+    time: float
+    bytes: int
+    files: int
+
+    @property
+    def id(self) -> str:
+        return self.root.hex()
+
+    @property
+    def listed(self) -> bool:
+        return self.refs > 0
+
+    def encode(self) -> bytes:
+        d = {k: v for k, v in self.__dict__.items() if k != "root"}
+        return json.dumps(d, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, root: bytes, raw: bytes) -> SnapshotRecord:
+        return cls(root=root, **json.loads(raw))
+
+
+@dataclass
+class StoreStats:
+    objects: int
+    stored_bytes: int
+    snapshots: int
+    logical_bytes: int
+    nodes: int
+
+    @property
+    def dedup_ratio(self) -> float:
+        return self.logical_bytes / self.stored_bytes if self.stored_bytes else 1.0
+
+
+def _lmdb_error(exc: lmdb.Error, what: str) -> OppieError:
+    text = str(exc)
+    if "No space left" in text or "MDB_MAP_FULL" in text:
+        return NoSpace(f"{what}: no space left on the store's device")
+    if "Permission denied" in text:
+        return PermissionDenied(f"{what}: permission denied")
+    if "MDB_CORRUPTED" in text or "MDB_PAGE_NOTFOUND" in text or "MDB_INVALID" in text:
+        return Corrupt(f"{what}: LMDB reports corruption ({text})")
+    return OppieError(f"{what}: {text}")
+
+
+class Store:
+    """The object store. Thread-safe: LMDB serializes writers, readers use short txns."""
+
+    def __init__(self, path: str | os.PathLike[str], *, children_of: ChildrenOf = _no_children,
+                 create: bool = True) -> None:
+        self.path = Path(path)
+        self.children_of = children_of
+        self._grow_lock = threading.Lock()
+        try:
+            if create:
+                self.path.mkdir(parents=True, exist_ok=True)
+            elif not (self.path / "data.mdb").exists():
+                raise NotFound(f"no store at {self.path}")
+            self.env = lmdb.open(
+                str(self.path), map_size=_INITIAL_MAP, max_dbs=len(_DBS), max_readers=1024,
+                readahead=False, sync=True, metasync=True, create=create,
+            )
+        except PermissionError as exc:
+            raise PermissionDenied(f"store {self.path}: permission denied") from exc
+        except FileNotFoundError as exc:
+            raise NotFound(f"no store at {self.path}") from exc
+        except lmdb.Error as exc:
+            raise _lmdb_error(exc, f"store {self.path}") from exc
+        except OSError as exc:
+            raise OppieError(f"store {self.path}: {exc.strerror or exc}") from exc
+        self.db = {name: self.env.open_db(name.encode()) for name in _DBS}
+
+    def close(self) -> None:
+        self.env.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transactions -------------------------------------------------------------------
+
+    def write(self, fn: Callable[[lmdb.Transaction], Any], what: str = "store write") -> Any:
+        """Run ``fn`` in one write transaction; grows the map and retries when it is full.
+
+        ``fn`` must have no side effects outside the transaction, since it may run twice.
+        """
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    return fn(txn)
+            except lmdb.MapFullError:
+                self._grow()
+            except lmdb.Error as exc:
+                raise _lmdb_error(exc, what) from exc
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise NoSpace(f"{what}: no space left on the store's device") from exc
+                raise
+
+    def read(self) -> lmdb.Transaction:
+        return self.env.begin(buffers=False)
+
+    def _grow(self) -> None:
+        with self._grow_lock:
+            self.env.set_mapsize(self.env.info()["map_size"] * 2)
+
+    # -- objects ------------------------------------------------------------------------
+
+    def get(self, oid: bytes) -> tuple[bytes, bytes]:
+        """Return (kind, payload), verified against the id; Corrupt if missing or bad."""
+        with self.env.begin() as txn:
+            raw = txn.get(oid, db=self.db["objects"])
+        if raw is None:
+            raise Corrupt(f"object {oid.hex()} is missing from the store")
+        kind, payload = raw[:1], raw[1:]
+        if oid_of(payload) != oid or kind not in KINDS:
+            raise Corrupt(f"object {oid.hex()} is corrupt (hash mismatch)")
+        return kind, payload
+
+    def get_payload(self, oid: bytes) -> bytes:
+        return self.get(oid)[1]
+
+    def exists(self, oid: bytes) -> bool:
+        with self.env.begin() as txn:
+            return txn.get(oid, db=self.db["objects"]) is not None
+
+    def refcount(self, oid: bytes) -> int:
+        with self.env.begin() as txn:
+            raw = txn.get(oid, db=self.db["refs"])
+        return _U64.unpack(raw)[0] if raw else 0
+
+    def iter_objects(self) -> Iterator[tuple[bytes, bytes, bytes]]:
+        """Yield (oid, kind, payload) for every stored object, unverified (fsck checks)."""
+        with self.env.begin() as txn:
+            for oid, raw in txn.cursor(db=self.db["objects"]):
+                yield oid, raw[:1], raw[1:]
+
+    # -- reference counting (inside a caller's write txn) ------------------------------
+
+    def _meta_int(self, txn: lmdb.Transaction, key: bytes) -> int:
+        raw = txn.get(key, db=self.db["meta"])
+        return _U64.unpack(raw)[0] if raw else 0
+
+    def _set_meta_int(self, txn: lmdb.Transaction, key: bytes, value: int) -> None:
+        txn.put(key, _U64.pack(value), db=self.db["meta"])
+
+    def _incref(self, txn: lmdb.Transaction, oid: bytes, by: int = 1) -> None:
+        raw = txn.get(oid, db=self.db["refs"])
+        if raw is None:
+            raise Corrupt(f"reference to missing object {oid.hex()}")
+        count = _U64.unpack(raw)[0]
+        if count == 0:
+            txn.delete(oid, db=self.db["zero"])
+        txn.put(oid, _U64.pack(count + by), db=self.db["refs"])
+
+    def _decref(self, txn: lmdb.Transaction, oid: bytes) -> None:
+        raw = txn.get(oid, db=self.db["refs"])
+        count = _U64.unpack(raw)[0] if raw else 0
+        if count == 0:
+            raise Corrupt(f"reference count underflow on object {oid.hex()}")
+        txn.put(oid, _U64.pack(count - 1), db=self.db["refs"])
+        if count == 1:
+            txn.put(oid, _U64.pack(self._meta_int(txn, b"gen")), db=self.db["zero"])
+
+    def _put_object(self, txn: lmdb.Transaction, oid: bytes, kind: bytes, payload: bytes,
+                    gen: int) -> None:
+        """Write one object (or touch an existing unreferenced one so GC spares it)."""
+        objects = self.db["objects"]
+        if txn.get(oid, db=objects) is not None:
+            if txn.get(oid, db=self.db["zero"]) is not None:
+                txn.put(oid, _U64.pack(gen), db=self.db["zero"])
+            return
+        txn.put(oid, kind + payload, db=objects)
+        txn.put(oid, _U64.pack(0), db=self.db["refs"])
+        txn.put(oid, _U64.pack(gen), db=self.db["zero"])
+        for child in self.children_of(kind, payload):
+            self._incref(txn, child)
+        self._set_meta_int(txn, b"objects", self._meta_int(txn, b"objects") + 1)
+        self._set_meta_int(txn, b"stored_bytes",
+                           self._meta_int(txn, b"stored_bytes") + len(payload))
+
+    # -- sessions -------------------------------------------------------------------------
+
+    def writer(self, batch_bytes: int = 64 << 20) -> Writer:
+        return Writer(self, batch_bytes)
+
+    def _begin_session(self) -> int:
+        def fn(txn: lmdb.Transaction) -> int:
+            gen = self._meta_int(txn, b"gen") + 1
+            self._set_meta_int(txn, b"gen", gen)
+            rec = json.dumps({"pid": os.getpid(), "gen": gen}).encode()
+            txn.put(_U64.pack(gen), rec, db=self.db["sessions"])
+            return gen
+
+        return self.write(fn, "begin write session")
+
+    def _end_session(self, txn: lmdb.Transaction, sid: int) -> None:
+        txn.delete(_U64.pack(sid), db=self.db["sessions"])
+
+    def _oldest_live_session(self, txn: lmdb.Transaction) -> int | None:
+        """Generation of the oldest live session; forgets sessions of dead processes."""
+        oldest = None
+        dead = []
+        for key, raw in txn.cursor(db=self.db["sessions"]):
+            rec = json.loads(raw)
+            if not _pid_alive(rec["pid"]):
+                dead.append(key)
+                continue
+            oldest = rec["gen"] if oldest is None else min(oldest, rec["gen"])
+        for key in dead:
+            txn.delete(key, db=self.db["sessions"])
+        return oldest
+
+    # -- snapshots ----------------------------------------------------------------------
+
+    def _get_snapshot(self, txn: lmdb.Transaction, root: bytes) -> SnapshotRecord | None:
+        raw = txn.get(root, db=self.db["snapshots"])
+        return SnapshotRecord.decode(root, raw) if raw else None
+
+    def _put_snapshot(self, txn: lmdb.Transaction, rec: SnapshotRecord) -> None:
+        if rec.refs == 0 and rec.pins == 0:
+            txn.delete(rec.root, db=self.db["snapshots"])
+            self._decref(txn, rec.root)
+        else:
+            txn.put(rec.root, rec.encode(), db=self.db["snapshots"])
+
+    def snapshot(self, root: bytes) -> SnapshotRecord | None:
+        with self.env.begin() as txn:
+            return self._get_snapshot(txn, root)
+
+    def snapshots(self, *, include_unlisted: bool = False) -> list[SnapshotRecord]:
+        with self.env.begin() as txn:
+            recs = [SnapshotRecord.decode(k, v) for k, v in txn.cursor(db=self.db["snapshots"])]
+        return recs if include_unlisted else [r for r in recs if r.listed]
+
+    def snapshot_ids(self) -> list[str]:
+        """Hex ids of listed snapshots, sorted (what ``snapshots/`` shows)."""
+        with self.env.begin() as txn:
+            return [k.hex() for k, v in txn.cursor(db=self.db["snapshots"])
+                    if SnapshotRecord.decode(k, v).listed]
+
+    def resolve(self, ident: str, *, include_unlisted: bool = False) -> bytes:
+        """Turn a full id or a unique prefix of >= 8 lowercase hex digits into a root oid."""
+        if not isinstance(ident, str) or not 8 <= len(ident) <= 64 or any(
+            c not in "0123456789abcdef" for c in ident
+        ):
+            raise InvalidArgument(
+                f"bad snapshot id {ident!r}: expected 8 to 64 lowercase hex digits")
+        start = bytes.fromhex(ident[: len(ident) // 2 * 2])
+        found: list[bytes] = []
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.db["snapshots"])
+            if cur.set_range(start):
+                for key, raw in cur:
+                    if not key.hex().startswith(ident):
+                        if key[: len(start)] != start:
+                            break
+                        continue
+                    if include_unlisted or SnapshotRecord.decode(key, raw).listed:
+                        found.append(key)
+                    if len(found) > 1:
+                        break
+        if not found:
+            raise NotFound(f"no snapshot {ident!r}")
+        if len(found) > 1:
+            raise InvalidArgument(f"snapshot id prefix {ident!r} is ambiguous")
+        return found[0]
+
+    def publish(self, writer: Writer, root: bytes, *, parent: str | None, logical_bytes: int,
+                files: int) -> SnapshotRecord:
+        """Flush the writer and publish ``root`` as a snapshot, atomically."""
+        import time
+
+        def fn(txn: lmdb.Transaction) -> SnapshotRecord:
+            writer._flush_in(txn)
+            rec = self._get_snapshot(txn, root)
+            if rec is None:
+                if txn.get(root, db=self.db["objects"]) is None:
+                    raise Corrupt(f"cannot publish missing tree {root.hex()}")
+                rec = SnapshotRecord(root, 0, 0, parent, time.time(), logical_bytes, files)
+                self._incref(txn, root)
+            rec.refs += 1
+            txn.put(root, rec.encode(), db=self.db["snapshots"])
+            self._end_session(txn, writer.sid)
+            return rec
+
+        rec = self.write(fn, "publish snapshot")
+        writer._after_flush()
+        writer.closed = True
+        return rec
+
+    def release(self, root: bytes) -> SnapshotRecord:
+        """Drop one published reference (prune). The id leaves the listing at zero refs."""
+
+        def fn(txn: lmdb.Transaction) -> SnapshotRecord:
+            rec = self._get_snapshot(txn, root)
+            if rec is None or not rec.listed:
+                raise NotFound(f"no snapshot {root.hex()}")
+            rec.refs -= 1
+            self._put_snapshot(txn, rec)
+            return rec
+
+        return self.write(fn, "prune snapshot")
+
+    # -- nodes (records owned by state.py; pins change with them, atomically) -------------
+
+    def add_node(self, name: str, record: dict[str, Any], base: bytes) -> None:
+        def fn(txn: lmdb.Transaction) -> None:
+            key = name.encode()
+            if txn.get(key, db=self.db["nodes"]) is not None:
+                raise InvalidArgument(f"node {name!r} already exists")
+            rec = self._get_snapshot(txn, base)
+            if rec is None or not rec.listed:
+                raise NotFound(f"no snapshot {base.hex()}")
+            rec.pins += 1
+            self._put_snapshot(txn, rec)
+            txn.put(key, json.dumps(record).encode(), db=self.db["nodes"])
+
+        self.write(fn, "add node")
+
+    def update_node(self, name: str, record: dict[str, Any]) -> None:
+        def fn(txn: lmdb.Transaction) -> None:
+            key = name.encode()
+            if txn.get(key, db=self.db["nodes"]) is None:
+                raise NotFound(f"no node {name!r}")
+            txn.put(key, json.dumps(record).encode(), db=self.db["nodes"])
+
+        self.write(fn, "update node")
+
+    def remove_node(self, name: str, base: bytes) -> None:
+        def fn(txn: lmdb.Transaction) -> None:
+            key = name.encode()
+            if not txn.delete(key, db=self.db["nodes"]):
+                raise NotFound(f"no node {name!r}")
+            rec = self._get_snapshot(txn, base)
+            if rec is None or rec.pins == 0:
+                raise Corrupt(f"node {name!r} had no pin on {base.hex()}")
+            rec.pins -= 1
+            self._put_snapshot(txn, rec)
+
+        self.write(fn, "remove node")
+
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        with self.env.begin() as txn:
+            return {k.decode(): json.loads(v) for k, v in txn.cursor(db=self.db["nodes"])}
+
+    def node(self, name: str) -> dict[str, Any] | None:
+        with self.env.begin() as txn:
+            raw = txn.get(name.encode(), db=self.db["nodes"])
+        return json.loads(raw) if raw else None
+
+    # -- garbage collection ---------------------------------------------------------------
+
+    def sweep(self, batch: int = 2000) -> tuple[int, int]:
+        """Delete unreferenced objects no in-flight session can need; returns (n, bytes)."""
+        total_n = total_bytes = 0
+        while True:
+            n, nbytes, more = self.write(lambda txn: self._sweep_batch(txn, batch), "gc sweep")
+            total_n += n
+            total_bytes += nbytes
+            if not more:
+                return total_n, total_bytes
+
+    def _sweep_batch(self, txn: lmdb.Transaction, batch: int) -> tuple[int, int, bool]:
+        oldest = self._oldest_live_session(txn)
+        victims = []
+        for oid, raw in txn.cursor(db=self.db["zero"]):
+            if oldest is None or _U64.unpack(raw)[0] < oldest:
+                victims.append(oid)
+                if len(victims) >= batch:
+                    break
+        nbytes = 0
+        for oid in victims:
+            raw = txn.get(oid, db=self.db["objects"])
+            txn.delete(oid, db=self.db["zero"])
+            txn.delete(oid, db=self.db["refs"])
+            if raw is None:
+                continue
+            txn.delete(oid, db=self.db["objects"])
+            nbytes += len(raw) - 1
+            kind, payload = raw[:1], raw[1:]
+            if kind != KIND_CHUNK:
+                for child in self.children_of(kind, payload):
+                    self._decref(txn, child)
+        if victims:
+            self._set_meta_int(txn, b"objects", self._meta_int(txn, b"objects") - len(victims))
+            self._set_meta_int(txn, b"stored_bytes",
+                               self._meta_int(txn, b"stored_bytes") - nbytes)
+        more = len(victims) >= batch or (
+            bool(victims) and oldest is None and txn.stat(self.db["zero"])["entries"] > 0)
+        return len(victims), nbytes, more
+
+    def garbage(self) -> int:
+        """Number of unreferenced objects waiting for the sweeper."""
+        with self.env.begin() as txn:
+            return txn.stat(self.db["zero"])["entries"]
+
+    # -- statistics -----------------------------------------------------------------------
+
+    def stats(self) -> StoreStats:
+        with self.env.begin() as txn:
+            recs = [SnapshotRecord.decode(k, v) for k, v in txn.cursor(db=self.db["snapshots"])]
+            return StoreStats(
+                objects=self._meta_int(txn, b"objects"),
+                stored_bytes=self._meta_int(txn, b"stored_bytes"),
+                snapshots=sum(r.listed for r in recs),
+                logical_bytes=sum(r.bytes for r in recs if r.listed),
+                nodes=txn.stat(self.db["nodes"])["entries"],
+            )
+
+    # -- fsck -----------------------------------------------------------------------------
+
+    def check(self, *, repair: bool = False) -> list[str]:
+        """Verify hashes and recount references from objects and snapshot records.
+
+        Returns human-readable findings (empty when clean). With ``repair``, rewrites the
+        counts and the sweeper's work list to match reality (corrupt objects stay reported).
+        """
+        findings: list[str] = []
+        expected: dict[bytes, int] = {}
+        present: set[bytes] = set()
+        nbytes = 0
+        for oid, kind, payload in self.iter_objects():
+            present.add(oid)
+            nbytes += len(payload)
+            expected.setdefault(oid, 0)
+            if kind not in KINDS or oid_of(payload) != oid:
+                findings.append(f"corrupt object {oid.hex()}: content does not match its id")
+                continue
+            try:
+                for child in self.children_of(kind, payload):
+                    expected[child] = expected.get(child, 0) + 1
+            except OppieError:
+                findings.append(f"corrupt object {oid.hex()}: undecodable {kind.decode()}")
+        for rec in self.snapshots(include_unlisted=True):
+            expected[rec.root] = expected.get(rec.root, 0) + 1
+        for oid in expected.keys() - present:
+            findings.append(f"missing object {oid.hex()} (referenced {expected[oid]} times)")
+        with self.env.begin() as txn:
+            actual = {k: _U64.unpack(v)[0] for k, v in txn.cursor(db=self.db["refs"])}
+            zero = {k for k, _ in txn.cursor(db=self.db["zero"])}
+            meta_objects = self._meta_int(txn, b"objects")
+            meta_bytes = self._meta_int(txn, b"stored_bytes")
+            node_bases = [json.loads(v).get("base") for _, v in txn.cursor(db=self.db["nodes"])]
+        drift = [o for o in present if actual.get(o, -1) != expected.get(o, 0)]
+        for oid in drift:
+            findings.append(f"refcount drift on {oid.hex()}: stored {actual.get(oid)}, "
+                            f"counted {expected.get(oid, 0)}")
+        bad_zero = {o for o in present if expected.get(o, 0) == 0} ^ zero
+        for oid in bad_zero:
+            findings.append(f"sweep list out of step for {oid.hex()}")
+        if (meta_objects, meta_bytes) != (len(present), nbytes):
+            findings.append(f"store counters drift: objects {meta_objects} vs {len(present)}, "
+                            f"bytes {meta_bytes} vs {nbytes}")
+        pins: dict[str, int] = {}
+        for base in node_bases:
+            pins[base] = pins.get(base, 0) + 1
+        for rec in self.snapshots(include_unlisted=True):
+            if rec.pins != pins.get(rec.id, 0):
+                findings.append(f"snapshot {rec.id}: {rec.pins} pins recorded, "
+                                f"{pins.get(rec.id, 0)} live nodes")
+        if repair and findings:
+            self._repair(expected, present, nbytes, pins)
+        return findings
+
+    def _repair(self, expected: dict[bytes, int], present: set[bytes], nbytes: int,
+                pins: dict[str, int]) -> None:
+        def fn(txn: lmdb.Transaction) -> None:
+            gen = self._meta_int(txn, b"gen")
+            txn.drop(self.db["refs"], delete=False)
+            txn.drop(self.db["zero"], delete=False)
+            for oid in present:
+                count = expected.get(oid, 0)
+                txn.put(oid, _U64.pack(count), db=self.db["refs"])
+                if count == 0:
+                    txn.put(oid, _U64.pack(gen), db=self.db["zero"])
+            self._set_meta_int(txn, b"objects", len(present))
+            self._set_meta_int(txn, b"stored_bytes", nbytes)
+            for key, raw in list(txn.cursor(db=self.db["snapshots"])):
+                rec = SnapshotRecord.decode(key, raw)
+                rec.pins = pins.get(rec.id, 0)
+                if rec.refs == 0 and rec.pins == 0:
+                    txn.delete(key, db=self.db["snapshots"])
+                    txn.put(key, _U64.pack(max(0, expected.get(key, 1) - 1)),
+                            db=self.db["refs"])
+                    if expected.get(key, 1) - 1 <= 0:
+                        txn.put(key, _U64.pack(gen), db=self.db["zero"])
+                else:
+                    txn.put(key, rec.encode(), db=self.db["snapshots"])
+
+        self.write(fn, "fsck repair")
+
+
+class Writer:
+    """Buffers new objects of one import/commit session and writes them in big batches.
+
+    Batching keeps the number of LMDB commits (each an fsync) small during a large import.
+    Objects must be put children-first (chunks before lists, subtrees before parents).
+    """
+
+    def __init__(self, store: Store, batch_bytes: int) -> None:
+        self.store = store
+        self.batch_bytes = batch_bytes
+        self.sid = store._begin_session()
+        self.pending: dict[bytes, tuple[bytes, bytes]] = {}
+        self.pending_bytes = 0
+        self.closed = False
+
+    def put(self, kind: bytes, payload: bytes) -> bytes:
+        oid = oid_of(payload)
+        if oid not in self.pending:
+            self.pending[oid] = (kind, bytes(payload))
+            self.pending_bytes += len(payload)
+            if self.pending_bytes >= self.batch_bytes:
+                self.flush()
+        return oid
+
+    def flush(self) -> None:
+        if self.pending:
+            self.store.write(self._flush_in, "write objects")
+            self._after_flush()
+
+    def _flush_in(self, txn: lmdb.Transaction) -> None:
+        for oid, (kind, payload) in self.pending.items():
+            self.store._put_object(txn, oid, kind, payload, self.sid)
+
+    def _after_flush(self) -> None:
+        self.pending.clear()
+        self.pending_bytes = 0
+
+    def abort(self) -> None:
+        """End the session without publishing; what it wrote is left for the sweeper."""
+        if self.closed:
+            return
+        self.closed = True
+        self.pending.clear()
+        self.store.write(lambda txn: self.store._end_session(txn, self.sid), "abort session")
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

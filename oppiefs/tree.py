@@ -1,0 +1,520 @@
+"""Snapshot model: tree objects, file chunk lists, import, checkout, diff, walk.
+
+A snapshot is a tree of per-directory objects; the snapshot id is the hex blake3 of the
+root tree object's payload, so identical trees get identical ids and equal subtrees are one
+shared object (diff skips them, commits rewrite only the directories on changed paths).
+
+Tree payload (little endian)::
+
+    b"OPTREE1\\n" u64 subtree_bytes u64 subtree_files u32 n
+    n x entry: u8 type, u32 mode, u32 uid, u32 gid, u64 size, i64 mtime_ns, u16 namelen,
+               name, then 32-byte ref (FILE/CHUNKED/DIR) or u16 len + target (SYMLINK)
+
+Entries are sorted by name bytes. Names are raw bytes (not necessarily UTF-8). ``mode`` holds
+the permission bits (07777). FILE refs name a single chunk (all zero for an empty file);
+CHUNKED refs name a LIST object: b"OPLIST1\\n" then (32-byte chunk id, u32 length) pairs.
+The entry type, not the stored object's kind, says how to read a file, so a file whose bytes
+happen to equal some tree payload still reads back as itself.
+
+Hard links are imported as independent files (their content is deduplicated anyway).
+Devices, FIFOs and sockets cannot be represented: refused, or skipped and reported.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import os
+import stat
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+from . import chunker
+from .errors import (
+    AlreadyExists,
+    Corrupt,
+    InvalidArgument,
+    NotFound,
+    Unsupported,
+    from_oserror,
+)
+from .store import KIND_CHUNK, KIND_LIST, KIND_TREE, Store, Writer
+
+T_FILE = 1
+T_CHUNKED = 2
+T_DIR = 3
+T_SYMLINK = 4
+TYPE_NAMES = {T_FILE: "file", T_CHUNKED: "file", T_DIR: "dir", T_SYMLINK: "symlink"}
+
+TREE_MAGIC = b"OPTREE1\n"
+LIST_MAGIC = b"OPLIST1\n"
+ZERO_ID = bytes(32)
+
+_HEAD = struct.Struct("<QQI")
+_ENTRY = struct.Struct("<BIIIQqH")
+_U16 = struct.Struct("<H")
+_LIST_ITEM = struct.Struct("<32sI")
+
+
+class Entry(NamedTuple):
+    name: bytes
+    type: int
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    ref: bytes = ZERO_ID  # chunk / list / tree id
+    target: bytes = b""  # symlink target
+
+    @property
+    def is_dir(self) -> bool:
+        return self.type == T_DIR
+
+    @property
+    def is_file(self) -> bool:
+        return self.type in (T_FILE, T_CHUNKED)
+
+    @property
+    def st_mode(self) -> int:
+        kind = {T_DIR: stat.S_IFDIR, T_SYMLINK: stat.S_IFLNK}.get(self.type, stat.S_IFREG)
+        return kind | self.mode
+
+
+@dataclass
+class Tree:
+    """A decoded directory: entries sorted by name, with subtree totals."""
+
+    entries: list[Entry]
+    total_bytes: int
+    total_files: int
+    _index: dict[bytes, Entry] | None = field(default=None, repr=False)
+
+    def get(self, name: bytes) -> Entry | None:
+        if self._index is None:
+            self._index = {e.name: e for e in self.entries}
+        return self._index.get(name)
+
+
+# -- codec ----------------------------------------------------------------------------------
+
+
+def encode_tree(entries: list[Entry]) -> tuple[bytes, int, int]:
+    """Encode entries (any order) -> (payload, subtree bytes, subtree files)."""
+    entries = sorted(entries, key=lambda e: e.name)
+    total_bytes = total_files = 0
+    parts = []
+    prev = None
+    for e in entries:
+        if e.name == prev:
+            raise InvalidArgument(f"duplicate name {e.name!r} in directory")
+        prev = e.name
+        parts.append(_ENTRY.pack(e.type, e.mode, e.uid, e.gid, e.size, e.mtime_ns, len(e.name)))
+        parts.append(e.name)
+        if e.type == T_SYMLINK:
+            parts.append(_U16.pack(len(e.target)))
+            parts.append(e.target)
+        else:
+            parts.append(e.ref)
+        if e.is_file:
+            total_bytes += e.size
+            total_files += 1
+    payload = b"".join([TREE_MAGIC, _HEAD.pack(total_bytes, total_files, len(entries)), *parts])
+    return payload, total_bytes, total_files
+
+
+def decode_tree(payload: bytes) -> Tree:
+    if payload[:8] != TREE_MAGIC:
+        raise Corrupt("not a tree object")
+    try:
+        total_bytes, total_files, n = _HEAD.unpack_from(payload, 8)
+        pos = 8 + _HEAD.size
+        entries = []
+        unpack = _ENTRY.unpack_from
+        esize = _ENTRY.size
+        for _ in range(n):
+            etype, mode, uid, gid, size, mtime, nlen = unpack(payload, pos)
+            pos += esize
+            name = payload[pos:pos + nlen]
+            pos += nlen
+            if etype == T_SYMLINK:
+                (tlen,) = _U16.unpack_from(payload, pos)
+                pos += 2
+                entries.append(Entry(name, etype, mode, uid, gid, size, mtime, ZERO_ID,
+                                     payload[pos:pos + tlen]))
+                pos += tlen
+            else:
+                entries.append(Entry(name, etype, mode, uid, gid, size, mtime,
+                                     payload[pos:pos + 32]))
+                pos += 32
+    except struct.error as exc:
+        raise Corrupt(f"truncated tree object: {exc}") from exc
+    if pos != len(payload):
+        raise Corrupt("trailing bytes in tree object")
+    return Tree(entries, total_bytes, total_files)
+
+
+def encode_list(chunks: list[tuple[bytes, int]]) -> bytes:
+    return LIST_MAGIC + b"".join(_LIST_ITEM.pack(oid, n) for oid, n in chunks)
+
+
+def decode_list(payload: bytes) -> list[tuple[bytes, int]]:
+    if payload[:8] != LIST_MAGIC or (len(payload) - 8) % _LIST_ITEM.size:
+        raise Corrupt("not a chunk list object")
+    return list(_LIST_ITEM.iter_unpack(payload[8:]))
+
+
+def children_of(kind: bytes, payload: bytes) -> list[bytes]:
+    """Object ids referenced by an object (the store's refcount edges)."""
+    if kind == KIND_CHUNK:
+        return []
+    if kind == KIND_LIST:
+        return [oid for oid, _ in decode_list(payload)]
+    if kind == KIND_TREE:
+        return [e.ref for e in decode_tree(payload).entries
+                if e.type in (T_CHUNKED, T_DIR) or (e.type == T_FILE and e.ref != ZERO_ID)]
+    raise Corrupt(f"unknown object kind {kind!r}")
+
+
+def open_store(path: str | os.PathLike[str], *, create: bool = True) -> Store:
+    """Open a store that knows the tree codec (what every caller wants)."""
+    return Store(path, children_of=children_of, create=create)
+
+
+# -- reading --------------------------------------------------------------------------------
+
+
+class FileMap(NamedTuple):
+    """Chunk layout of one file: ids and their start offsets, for reads at any offset."""
+
+    oids: list[bytes]
+    starts: list[int]
+    size: int
+
+    def span(self, offset: int, length: int) -> Iterator[tuple[bytes, int, int]]:
+        """Yield (chunk id, start within chunk, end within chunk) covering the range."""
+        end = min(offset + length, self.size)
+        i = bisect.bisect_right(self.starts, offset) - 1
+        while offset < end and i < len(self.oids):
+            cstart = self.starts[i]
+            cend = self.starts[i + 1] if i + 1 < len(self.starts) else self.size
+            stop = min(end, cend)
+            yield self.oids[i], offset - cstart, stop - cstart
+            offset = stop
+            i += 1
+
+
+class Reader:
+    """Decoded trees and chunk lists with LRU caches (immutable, so caching is always safe)."""
+
+    def __init__(self, store: Store, trees: int = 4096, lists: int = 1024) -> None:
+        self.store = store
+        self.tree: Callable[[bytes], Tree] = functools.lru_cache(maxsize=trees)(self._tree)
+        self._filemap = functools.lru_cache(maxsize=lists)(self._list)
+
+    def _tree(self, oid: bytes) -> Tree:
+        kind, payload = self.store.get(oid)
+        if kind != KIND_TREE:
+            raise Corrupt(f"object {oid.hex()} is not a tree")
+        return decode_tree(payload)
+
+    def _list(self, oid: bytes) -> FileMap:
+        kind, payload = self.store.get(oid)
+        if kind != KIND_LIST:
+            raise Corrupt(f"object {oid.hex()} is not a chunk list")
+        oids, starts, pos = [], [], 0
+        for chunk, n in decode_list(payload):
+            oids.append(chunk)
+            starts.append(pos)
+            pos += n
+        return FileMap(oids, starts, pos)
+
+    def filemap(self, entry: Entry) -> FileMap:
+        if entry.type == T_CHUNKED:
+            fmap = self._filemap(entry.ref)
+            if fmap.size != entry.size:
+                raise Corrupt(f"chunk list {entry.ref.hex()} does not match the file size")
+            return fmap
+        if entry.size == 0:
+            return FileMap([], [], 0)
+        return FileMap([entry.ref], [0], entry.size)
+
+    def chunk(self, oid: bytes) -> bytes:
+        return self.store.get_payload(oid)
+
+    def iter_content(self, entry: Entry) -> Iterator[bytes]:
+        for oid in self.filemap(entry).oids:
+            yield self.chunk(oid)
+
+    def read_all(self, entry: Entry) -> bytes:
+        return b"".join(self.iter_content(entry))
+
+    def lookup(self, root: bytes, path: bytes | str) -> Entry:
+        """Entry at ``path`` (relative, '/'-separated) inside the snapshot ``root``."""
+        entry = root_entry(root)
+        for part in split_path(path):
+            if not entry.is_dir:
+                raise NotFound(f"{os.fsdecode(path)}: not a directory on the way")
+            child = self.tree(entry.ref).get(part)
+            if child is None:
+                raise NotFound(f"no such path {os.fsdecode(path)!r} in snapshot")
+            entry = child
+        return entry
+
+    def walk(self, tree_oid: bytes, prefix: bytes = b"") -> Iterator[tuple[bytes, Entry]]:
+        """Pre-order walk: (relative path, entry) for everything below a tree."""
+        for e in self.tree(tree_oid).entries:
+            path = prefix + e.name
+            yield path, e
+            if e.is_dir:
+                yield from self.walk(e.ref, path + b"/")
+
+
+def root_entry(root: bytes) -> Entry:
+    return Entry(b"", T_DIR, 0o755, 0, 0, 0, 0, root)
+
+
+def split_path(path: bytes | str) -> list[bytes]:
+    raw = os.fsencode(path)
+    parts = [p for p in raw.split(b"/") if p and p != b"."]
+    if b".." in parts:
+        raise InvalidArgument(f"path {os.fsdecode(raw)!r} may not contain '..'")
+    return parts
+
+
+# -- import ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ImportReport:
+    root: bytes = ZERO_ID
+    files: int = 0
+    bytes: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+
+ProgressFn = Callable[[int, int], None]  # (bytes added, files added)
+
+
+def store_file(w: Writer, path: bytes) -> tuple[int, bytes, int]:
+    """Chunk and store one file's content -> (entry type, ref, size actually read)."""
+    chunks: list[tuple[bytes, int]] = []
+    for data in chunker.chunk_file(path):
+        chunks.append((w.put(KIND_CHUNK, data), len(data)))
+    size = sum(n for _, n in chunks)
+    if not chunks:
+        return T_FILE, ZERO_ID, 0
+    if len(chunks) == 1:
+        return T_FILE, chunks[0][0], size
+    return T_CHUNKED, w.put(KIND_LIST, encode_list(chunks)), size
+
+
+def entry_from_stat(name: bytes, st: os.stat_result, etype: int, ref: bytes = ZERO_ID,
+                    size: int = 0, target: bytes = b"") -> Entry:
+    return Entry(name, etype, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, size,
+                 st.st_mtime_ns, ref, target)
+
+
+def _special_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device node"
+    return "special file"
+
+
+class Importer:
+    """Walks a host directory bottom-up and writes its objects through one Writer."""
+
+    def __init__(self, w: Writer, *, skip_special: bool = False,
+                 progress: ProgressFn | None = None) -> None:
+        self.w = w
+        self.skip_special = skip_special
+        self.progress = progress
+        self.report = ImportReport()
+
+    def entry(self, path: bytes, name: bytes, st: os.stat_result) -> Entry | None:
+        """Store one filesystem object; None when it is a skipped special file."""
+        mode = st.st_mode
+        try:
+            if stat.S_ISREG(mode):
+                etype, ref, size = store_file(self.w, path)
+                self.report.files += 1
+                self.report.bytes += size
+                if self.progress:
+                    self.progress(size, 1)
+                return entry_from_stat(name, st, etype, ref, size)
+            if stat.S_ISDIR(mode):
+                tree_oid = self.tree(path)
+                return entry_from_stat(name, st, T_DIR, tree_oid)
+            if stat.S_ISLNK(mode):
+                target = os.readlink(path)
+                if len(target) > 0xFFFF:
+                    raise Unsupported(f"{os.fsdecode(path)}: symlink target too long")
+                self.report.symlinks += 1
+                return entry_from_stat(name, st, T_SYMLINK, size=len(target), target=target)
+        except OSError as exc:
+            raise from_oserror(exc, os.fsdecode(path)) from exc
+        kind = _special_kind(mode)
+        if self.skip_special:
+            self.report.skipped.append(f"{os.fsdecode(path)} ({kind})")
+            return None
+        raise Unsupported(f"{os.fsdecode(path)}: cannot store a {kind} "
+                          "(use --skip-special to leave it out)")
+
+    def tree(self, path: bytes) -> bytes:
+        entries = []
+        try:
+            with os.scandir(path) as it:
+                items = [(d.name, d.path) for d in it]
+        except OSError as exc:
+            raise from_oserror(exc, os.fsdecode(path)) from exc
+        for name, child in items:
+            try:
+                st = os.lstat(child)
+            except OSError as exc:
+                raise from_oserror(exc, os.fsdecode(child)) from exc
+            e = self.entry(child, name, st)
+            if e is not None:
+                entries.append(e)
+        payload, _, _ = encode_tree(entries)
+        self.report.dirs += 1
+        return self.w.put(KIND_TREE, payload)
+
+
+def import_dir(store: Store, path: str | os.PathLike[str], *, skip_special: bool = False,
+               progress: ProgressFn | None = None, parent: str | None = None) -> ImportReport:
+    """Import a host directory as a snapshot (published atomically at the end)."""
+    raw = os.fsencode(os.path.abspath(path))
+    try:
+        st = os.stat(raw)
+    except OSError as exc:
+        raise from_oserror(exc, os.fsdecode(raw)) from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise InvalidArgument(f"{os.fsdecode(raw)}: not a directory")
+    with store.writer() as w:
+        imp = Importer(w, skip_special=skip_special, progress=progress)
+        root = imp.tree(raw)
+        rec = store.publish(w, root, parent=parent, logical_bytes=imp.report.bytes,
+                            files=imp.report.files)
+    imp.report.root = rec.root
+    return imp.report
+
+
+# -- checkout -------------------------------------------------------------------------------
+
+
+def checkout(reader: Reader, root: bytes, dest: str | os.PathLike[str]) -> int:
+    """Rebuild a snapshot eagerly on disk at ``dest`` (new or empty dir); returns files."""
+    out = os.fsencode(os.path.abspath(dest))
+    try:
+        if os.path.lexists(out):
+            if not os.path.isdir(out) or os.listdir(out):
+                raise AlreadyExists(f"{os.fsdecode(out)}: destination exists and is not empty")
+        else:
+            os.mkdir(out, 0o700)
+        count = _checkout_tree(reader, root, out)
+        # The root directory's own attributes are not stored (a snapshot is its contents).
+    except OSError as exc:
+        raise from_oserror(exc, f"checkout to {os.fsdecode(out)}") from exc
+    return count
+
+
+def _checkout_tree(reader: Reader, tree_oid: bytes, dest: bytes) -> int:
+    count = 0
+    chown = os.geteuid() == 0
+    for e in reader.tree(tree_oid).entries:
+        path = dest + b"/" + e.name
+        if e.is_dir:
+            os.mkdir(path, 0o700)
+            count += _checkout_tree(reader, e.ref, path)
+        elif e.type == T_SYMLINK:
+            os.symlink(e.target, path)
+        else:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                for data in reader.iter_content(e):
+                    _write_all(fd, data)
+            finally:
+                os.close(fd)
+            count += 1
+        if chown:
+            os.lchown(path, e.uid, e.gid)
+        if e.type != T_SYMLINK:
+            os.chmod(path, e.mode)
+        os.utime(path, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
+    return count
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+# -- diff -----------------------------------------------------------------------------------
+
+
+class Change(NamedTuple):
+    status: str  # added | removed | modified | type-changed
+    path: bytes
+
+
+def _kind(e: Entry) -> str:
+    return TYPE_NAMES[e.type]
+
+
+def diff_trees(reader: Reader, a: bytes, b: bytes, prefix: bytes = b"") -> Iterator[Change]:
+    """Changes from tree ``a`` to tree ``b``; subtrees with equal ids are never opened.
+
+    A directory is reported ``modified`` only for its own mode/owner changes (its mtime
+    follows its contents); everything else compares all stored attributes.
+    """
+    if a == b:
+        return
+    ta, tb = reader.tree(a).entries, reader.tree(b).entries
+    i = j = 0
+    while i < len(ta) or j < len(tb):
+        ea = ta[i] if i < len(ta) else None
+        eb = tb[j] if j < len(tb) else None
+        if eb is None or (ea is not None and ea.name < eb.name):
+            yield Change("removed", prefix + ea.name)  # type: ignore[union-attr]
+            i += 1
+        elif ea is None or eb.name < ea.name:
+            yield Change("added", prefix + eb.name)
+            j += 1
+        else:
+            path = prefix + ea.name
+            if _kind(ea) != _kind(eb):
+                yield Change("type-changed", path)
+            elif ea.is_dir:
+                if (ea.mode, ea.uid, ea.gid) != (eb.mode, eb.uid, eb.gid):
+                    yield Change("modified", path)
+                yield from diff_trees(reader, ea.ref, eb.ref, path + b"/")
+            elif ea[1:] != eb[1:]:
+                yield Change("modified", path)
+            i += 1
+            j += 1
+
+
+# -- helpers for callers ----------------------------------------------------------------------
+
+
+def host_path_ok(path: str) -> Path:
+    """Validate an import path given by a user: absolute, existing directory."""
+    if not path or not os.path.isabs(path):
+        raise InvalidArgument(f"import path must be absolute: {path!r}")
+    p = Path(path)
+    if not p.exists():
+        raise NotFound(f"{path}: no such directory")
+    if not p.is_dir():
+        raise InvalidArgument(f"{path}: not a directory")
+    return p
+
