@@ -10,7 +10,9 @@ Tree payload (little endian)::
     n x entry: u8 type, u32 mode, u32 uid, u32 gid, u64 size, i64 mtime_ns, u16 namelen,
                name, then 32-byte ref (FILE/CHUNKED/DIR) or u16 len + target (SYMLINK)
 
-Entries are sorted by name bytes. Names are raw bytes (not necessarily UTF-8). ``mode`` holds
+A directory entry's ``size`` is the number of entries below it (so vfs.py can number every
+node of a snapshot in pre-order without opening subtrees). Entries are sorted by name bytes.
+Names are raw bytes (not necessarily UTF-8). ``mode`` holds
 the permission bits (07777). FILE refs name a single chunk (all zero for an empty file);
 CHUNKED refs name a LIST object: b"OPLIST1\\n" then (32-byte chunk id, u32 length) pairs.
 The entry type, not the stored object's kind, says how to read a file, so a file whose bytes
@@ -27,10 +29,10 @@ import functools
 import os
 import stat
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from . import chunker
 from .errors import (
@@ -91,21 +93,39 @@ class Tree:
     entries: list[Entry]
     total_bytes: int
     total_files: int
-    _index: dict[bytes, Entry] | None = field(default=None, repr=False)
+    _index: dict[bytes, int] | None = field(default=None, repr=False)
+
+    def index_of(self, name: bytes) -> int | None:
+        """Position of ``name`` in ``entries`` (built on first use: most trees are walked)."""
+        if self._index is None:
+            self._index = {e.name: i for i, e in enumerate(self.entries)}
+        return self._index.get(name)
 
     def get(self, name: bytes) -> Entry | None:
-        if self._index is None:
-            self._index = {e.name: e for e in self.entries}
-        return self._index.get(name)
+        i = self.index_of(name)
+        return None if i is None else self.entries[i]
 
 
 # -- codec ----------------------------------------------------------------------------------
 
 
-def encode_tree(entries: list[Entry]) -> tuple[bytes, int, int]:
-    """Encode entries (any order) -> (payload, subtree bytes, subtree files)."""
+class Built(NamedTuple):
+    """A tree just written: its id, entries below it and totals of the files below it."""
+
+    oid: bytes
+    entries: int
+    bytes: int
+    files: int
+
+
+def encode_tree(entries: list[Entry], sub_bytes: int = 0,
+                sub_files: int = 0) -> tuple[bytes, int, int]:
+    """Encode entries (any order) -> (payload, subtree bytes, subtree files).
+
+    ``sub_bytes``/``sub_files`` are the totals of the subdirectories, which the caller knows.
+    """
     entries = sorted(entries, key=lambda e: e.name)
-    total_bytes = total_files = 0
+    total_bytes, total_files = sub_bytes, sub_files
     parts = []
     prev = None
     for e in entries:
@@ -124,6 +144,16 @@ def encode_tree(entries: list[Entry]) -> tuple[bytes, int, int]:
             total_files += 1
     payload = b"".join([TREE_MAGIC, _HEAD.pack(total_bytes, total_files, len(entries)), *parts])
     return payload, total_bytes, total_files
+
+
+def subtree_entries(entries: list[Entry]) -> int:
+    """Entries below a directory with these entries (a DIR entry's size is its own count)."""
+    return sum(1 + e.size if e.type == T_DIR else 1 for e in entries)
+
+
+def put_tree(w: Writer, entries: list[Entry], sub_bytes: int, sub_files: int) -> Built:
+    payload, nbytes, nfiles = encode_tree(entries, sub_bytes, sub_files)
+    return Built(w.put(KIND_TREE, payload), subtree_entries(entries), nbytes, nfiles)
 
 
 def decode_tree(payload: bytes) -> Tree:
@@ -339,6 +369,7 @@ class Importer:
         self.skip_special = skip_special
         self.progress = progress
         self.report = ImportReport()
+        self._sub: list[tuple[int, int]] = []  # totals of the subtrees of the current dir
 
     def entry(self, path: bytes, name: bytes, st: os.stat_result) -> Entry | None:
         """Store one filesystem object; None when it is a skipped special file."""
@@ -352,8 +383,9 @@ class Importer:
                     self.progress(size, 1)
                 return entry_from_stat(name, st, etype, ref, size)
             if stat.S_ISDIR(mode):
-                tree_oid = self.tree(path)
-                return entry_from_stat(name, st, T_DIR, tree_oid)
+                built = self.tree(path)
+                self._sub.append((built.bytes, built.files))
+                return entry_from_stat(name, st, T_DIR, built.oid, built.entries)
             if stat.S_ISLNK(mode):
                 target = os.readlink(path)
                 if len(target) > 0xFFFF:
@@ -369,13 +401,15 @@ class Importer:
         raise Unsupported(f"{os.fsdecode(path)}: cannot store a {kind} "
                           "(use --skip-special to leave it out)")
 
-    def tree(self, path: bytes) -> bytes:
+    def tree(self, path: bytes) -> Built:
+        """Store a directory and everything below it."""
         entries = []
         try:
             with os.scandir(path) as it:
                 items = [(d.name, d.path) for d in it]
         except OSError as exc:
             raise from_oserror(exc, os.fsdecode(path)) from exc
+        outer, self._sub = self._sub, []
         for name, child in items:
             try:
                 st = os.lstat(child)
@@ -384,9 +418,9 @@ class Importer:
             e = self.entry(child, name, st)
             if e is not None:
                 entries.append(e)
-        payload, _, _ = encode_tree(entries)
+        sub, self._sub = self._sub, outer
         self.report.dirs += 1
-        return self.w.put(KIND_TREE, payload)
+        return put_tree(self.w, entries, sum(b for b, _ in sub), sum(f for _, f in sub))
 
 
 def import_dir(store: Store, path: str | os.PathLike[str], *, skip_special: bool = False,
@@ -401,7 +435,7 @@ def import_dir(store: Store, path: str | os.PathLike[str], *, skip_special: bool
         raise InvalidArgument(f"{os.fsdecode(raw)}: not a directory")
     with store.writer() as w:
         imp = Importer(w, skip_special=skip_special, progress=progress)
-        root = imp.tree(raw)
+        root = imp.tree(raw).oid
         rec = store.publish(w, root, parent=parent, logical_bytes=imp.report.bytes,
                             files=imp.report.files)
     imp.report.root = rec.root
@@ -518,3 +552,65 @@ def host_path_ok(path: str) -> Path:
         raise InvalidArgument(f"{path}: not a directory")
     return p
 
+
+
+# -- commit: apply an overlay upper dir ------------------------------------------------------
+
+
+class UpperEntry(Protocol):
+    """What the differ needs from overlay.py's classification of an upper-dir entry."""
+
+    name: bytes
+    path: bytes
+    st: os.stat_result
+    kind: str  # whiteout | opaque-dir | dir | file | symlink
+
+
+ScanFn = Callable[[bytes], Iterable[UpperEntry]]
+
+
+def apply_upper(reader: Reader, w: Writer, base: bytes | None, upper: bytes,
+                scan: ScanFn) -> Built:
+    """New tree = tree ``base`` (None: empty) with the changes recorded in ``upper`` applied.
+
+    A pure function of (parent tree, upper dir): unchanged entries are reused as they are
+    (their objects are pinned by the node's base snapshot), only directories on changed
+    paths are re-encoded.
+    """
+    merged = {e.name: e for e in reader.tree(base).entries} if base is not None else {}
+    built: dict[bytes, Built] = {}
+    for item in scan(upper):
+        name, st = item.name, item.st
+        built.pop(name, None)
+        if item.kind == "whiteout":
+            merged.pop(name, None)
+        elif item.kind in ("dir", "opaque-dir"):
+            low = merged.get(name)
+            below = low.ref if item.kind == "dir" and low is not None and low.is_dir else None
+            sub = built[name] = apply_upper(reader, w, below, item.path, scan)
+            merged[name] = entry_from_stat(name, st, T_DIR, sub.oid, sub.entries)
+        elif item.kind == "symlink":
+            try:
+                target = os.readlink(item.path)
+            except OSError as exc:
+                raise from_oserror(exc, os.fsdecode(item.path)) from exc
+            merged[name] = entry_from_stat(name, st, T_SYMLINK, size=len(target), target=target)
+        elif item.kind == "file":
+            try:
+                etype, ref, size = store_file(w, item.path)
+            except OSError as exc:
+                raise from_oserror(exc, os.fsdecode(item.path)) from exc
+            merged[name] = entry_from_stat(name, st, etype, ref, size)
+        else:
+            raise Unsupported(f"{os.fsdecode(item.path)}: unknown upper entry {item.kind}")
+    sub_bytes = sub_files = 0
+    for e in merged.values():
+        if e.is_dir:
+            if e.name in built:
+                sub_bytes += built[e.name].bytes
+                sub_files += built[e.name].files
+            else:
+                t = reader.tree(e.ref)
+                sub_bytes += t.total_bytes
+                sub_files += t.total_files
+    return put_tree(w, list(merged.values()), sub_bytes, sub_files)
