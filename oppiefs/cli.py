@@ -50,7 +50,7 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 store_option = click.option(
-    "--store", "store_dir", type=click.Path(file_okay=False, path_type=Path),
+    "--store", "store_dir", type=click.Path(file_okay=False, readable=False, path_type=Path),
     envvar="OPPIEFS_STORE", default=None,
     help="Store directory (default /var/lib/oppiefs as root, ~/.local/share/oppiefs else).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
