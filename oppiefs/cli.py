@@ -245,5 +245,152 @@ def gc(store_dir: Path | None, as_json: bool) -> None:
           f"freed {n} objects, {nbytes} bytes")
 
 
+# -- the mount --------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
+@store_option
+@click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground (log to stderr).")
+@click.option("-o", "options", multiple=True,
+              help="FUSE mount options, comma separated (e.g. allow_other).")
+@click.option("--debug", is_flag=True, help="Verbose logging.")
+@click.option("--notify-fd", type=int, hidden=True)
+@json_option
+@_guarded
+def mount(mountpoint: Path, store_dir: Path | None, foreground: bool, options: tuple[str, ...],
+          debug: bool, notify_fd: int | None, as_json: bool) -> None:
+    """Mount the store at MOUNTPOINT (``oppiefs MOUNTPOINT`` is the same)."""
+    from . import mount as m
+
+    store = Path(os.path.abspath(store_dir or default_store_dir()))
+    if foreground:
+        m.setup_logging(debug)
+        m.serve(str(mountpoint), store, options=list(options), debug=debug,
+                notify_fd=notify_fd)
+        return
+    problems = m.start_background(str(mountpoint), store, options=list(options), debug=debug)
+    mnt = os.path.abspath(mountpoint)
+    if problems and not as_json:
+        click.echo(f"oppiefs: warning: {problems}", err=True)
+    _emit(as_json, {"mountpoint": mnt, "store": str(store), "problems": problems},
+          f"mounted {mnt} (store {store})")
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
+@json_option
+@_guarded
+def umount(mountpoint: Path, as_json: bool) -> None:
+    """Unmount nodes and the filesystem at MOUNTPOINT."""
+    from . import mount as m
+
+    m.umount(str(mountpoint))
+    _emit(as_json, {"unmounted": os.path.abspath(mountpoint)},
+          f"unmounted {os.path.abspath(mountpoint)}")
+
+
+# -- talking to a mount -----------------------------------------------------------------------
+
+mount_option = click.option(
+    "--mount", "mnt", type=click.Path(file_okay=False, path_type=Path),
+    envvar="OPPIEFS_MOUNT", default="/mnt/state", show_default=True,
+    help="Mountpoint of the running daemon (or OPPIEFS_MOUNT).")
+
+
+def _client(mnt: Path) -> Any:
+    from .client import Client
+
+    return Client(mnt)
+
+
+@main.command()
+@click.argument("snapshot")
+@mount_option
+@json_option
+@_guarded
+def fork(snapshot: str, mnt: Path, as_json: bool) -> None:
+    """Fork SNAPSHOT into a new writable node; print its path."""
+    r = _client(mnt).call("fork", snapshot)
+    r.pop("ok")
+    _emit(as_json, r, f"{r['node']} {r['path']}")
+
+
+@main.command()
+@click.argument("node")
+@mount_option
+@json_option
+@_guarded
+def commit(node: str, mnt: Path, as_json: bool) -> None:
+    """Capture NODE's current state as a snapshot; print its id."""
+    r = _client(mnt).call("commit", node)
+    r.pop("ok")
+    _emit(as_json, r, r["snapshot"])
+
+
+@main.command()
+@click.argument("node")
+@click.option("--force", is_flag=True, help="Detach lazily even if processes use the node.")
+@mount_option
+@json_option
+@_guarded
+def drop(node: str, force: bool, mnt: Path, as_json: bool) -> None:
+    """Unmount NODE and discard its changes."""
+    _client(mnt).drop(node, force=force)
+    _emit(as_json, {"node": node}, f"dropped {node}")
+
+
+@main.command()
+@click.argument("snapshot")
+@mount_option
+@json_option
+@_guarded
+def prune(snapshot: str, mnt: Path, as_json: bool) -> None:
+    """Release SNAPSHOT; its data is freed once no node needs it."""
+    r = _client(mnt).call("prune", snapshot)
+    r.pop("ok")
+    _emit(as_json, r, f"pruned {r['snapshot']}")
+
+
+@main.command()
+@mount_option
+@json_option
+@_guarded
+def status(mnt: Path, as_json: bool) -> None:
+    """Counts of snapshots, nodes, objects and bytes of a running mount."""
+    r = _client(mnt).status()
+    _emit(as_json, r, "\n".join(f"{k:<14}{v}" for k, v in r.items()))
+
+
+@main.command("log")
+@click.argument("snapshot")
+@store_option
+@json_option
+@_guarded
+def log_cmd(snapshot: str, store_dir: Path | None, as_json: bool) -> None:
+    """Lineage of SNAPSHOT: itself, its parent, its parent's parent..."""
+    chain: list[dict[str, Any]] = []
+    with _open(store_dir) as store:
+        root: bytes | None = store.resolve(snapshot, include_unlisted=True)
+        seen: set[bytes] = set()
+        while root is not None and root not in seen:
+            seen.add(root)
+            rec = store.snapshot(root)
+            if rec is None:
+                chain.append({"snapshot": root.hex(), "pruned": True})
+                break
+            chain.append({"snapshot": rec.id, "time": rec.time, "parent": rec.parent,
+                          "listed": rec.listed, "files": rec.files, "bytes": rec.bytes})
+            root = bytes.fromhex(rec.parent) if rec.parent else None
+    lines = []
+    for c in chain:
+        if c.get("pruned"):
+            lines.append(f"{c['snapshot']}  (pruned, data freed)")
+        else:
+            flag = "" if c["listed"] else "  (pruned)"
+            lines.append(f"{c['snapshot']}  {_fmt_time(c['time'])}  {c['files']} files{flag}")
+    _emit(as_json, chain, "\n".join(lines))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,100 @@
+"""Python client for the control file: what an MCTS engine imports.
+
+    from oppiefs.client import Client
+    c = Client("/mnt/state")
+    node = c.fork(snapshot_id)          # Node(id, path, snapshot)
+    ...edit files under node.path...
+    snap = c.commit(node.id)
+    c.drop(node.id); c.prune(old_id)
+
+Thread-safe: each thread gets its own ctl handle (a handle is a session with ordered
+replies, so sharing one between threads would interleave them). Errors raise the
+OppieError subclass named by the reply's errno (NotFound for ENOENT, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from typing import Any, NamedTuple
+
+from .errors import NotMounted, OppieError, from_errno_name
+
+
+class Node(NamedTuple):
+    id: str
+    path: str
+    snapshot: str
+
+
+class Client:
+    def __init__(self, mountpoint: str | os.PathLike[str] = "/mnt/state") -> None:
+        self.mountpoint = os.path.abspath(mountpoint)
+        self.ctl = os.path.join(self.mountpoint, "ctl")
+        self._local = threading.local()
+
+    def _fd(self) -> int:
+        fd = getattr(self._local, "fd", None)
+        if fd is None:
+            try:
+                fd = self._local.fd = os.open(self.ctl, os.O_RDWR | os.O_CLOEXEC)
+            except OSError as exc:
+                raise NotMounted(f"cannot open {self.ctl}: {exc.strerror}") from exc
+        return fd
+
+    def close(self) -> None:
+        fd = getattr(self._local, "fd", None)
+        if fd is not None:
+            self._local.fd = None
+            os.close(fd)
+
+    def call(self, *words: str) -> dict[str, Any]:
+        """Send one command, return its reply; raise the matching OppieError on failure."""
+        line = " ".join(words)
+        if "\n" in line:
+            raise OppieError("a command may not contain a newline")
+        fd = self._fd()
+        try:
+            os.write(fd, line.encode() + b"\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise NotMounted("control file closed without a reply")
+                buf += chunk
+        except OSError as exc:
+            self.close()
+            raise NotMounted(f"control file {self.ctl}: {exc.strerror}") from exc
+        reply = json.loads(buf)
+        if not reply.get("ok"):
+            raise from_errno_name(reply.get("error", "EIO"), reply.get("message", ""))
+        return reply
+
+    def import_(self, path: str | os.PathLike[str]) -> str:
+        return self.call("import", os.fspath(path))["snapshot"]
+
+    def fork(self, snapshot: str) -> Node:
+        r = self.call("fork", snapshot)
+        return Node(r["node"], r["path"], r["snapshot"])
+
+    def commit(self, node: str | Node) -> str:
+        return self.call("commit", node.id if isinstance(node, Node) else node)["snapshot"]
+
+    def drop(self, node: str | Node, *, force: bool = False) -> None:
+        nid = node.id if isinstance(node, Node) else node
+        self.call("drop", "--force", nid) if force else self.call("drop", nid)
+
+    def prune(self, snapshot: str) -> None:
+        self.call("prune", snapshot)
+
+    def status(self) -> dict[str, Any]:
+        r = self.call("status")
+        r.pop("ok", None)
+        return r
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

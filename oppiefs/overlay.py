@@ -1,0 +1,201 @@
+"""OverlayFS nodes: mount/unmount, mount-table queries, and reading an upper dir.
+
+Mounts use mount(2)/umount2(2) through ctypes: a fork or drop is one syscall, not a
+fork/exec of mount(8) (that alone costs milliseconds). These calls look up the lowerdir,
+which lives on our own FUSE mount, so callers must never run them on the thread that
+serves FUSE requests.
+
+Overlay options: ``index=off,redirect_dir=off,metacopy=off`` keep the upper dir a plain
+description of the changes (full copies on copy-up, renamed directories copied rather than
+redirected), which the differ can read without consulting the lower. ``xino=off`` is
+deliberate: snapshot inode numbers use all 64 bits (vfs.py), so overlay could not fold a
+layer index into them; with xino off it reports the real layer inode numbers and a
+per-layer device number, which tools handle. ``nosuid,nodev`` because a node's contents
+are untrusted.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from .errors import Busy, OppieError, Unsupported, from_oserror
+
+MS_NOSUID = 2
+MS_NODEV = 4
+MNT_DETACH = 2
+
+OVERLAY_OPTIONS = "index=off,redirect_dir=off,metacopy=off,xino=off"
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), what)
+
+
+def mount_overlay(lower: str, upper: str, work: str, merged: str) -> None:
+    for p in (lower, upper, work):
+        if "," in p or ":" in p:
+            raise Unsupported(f"overlay cannot use a path containing ',' or ':': {p}")
+    opts = f"lowerdir={lower},upperdir={upper},workdir={work},{OVERLAY_OPTIONS}"
+    try:
+        _check(_libc.mount(b"oppiefs-node", merged.encode(), b"overlay",
+                           MS_NOSUID | MS_NODEV, opts.encode()), merged)
+    except OSError as exc:
+        raise from_oserror(exc, f"mount overlay at {merged}") from exc
+
+
+def unmount(path: str, *, lazy: bool = False) -> None:
+    """Unmount; EBUSY becomes Busy, an already-gone mount is not an error."""
+    try:
+        _check(_libc.umount2(path.encode(), MNT_DETACH if lazy else 0), path)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOENT):
+            return  # not mounted (any more)
+        if exc.errno == errno.EBUSY:
+            raise Busy(f"{path} is busy: a process still uses it") from exc
+        raise from_oserror(exc, f"unmount {path}") from exc
+
+
+# -- the mount table ----------------------------------------------------------------------
+
+
+class MountInfo(NamedTuple):
+    mountpoint: str
+    fstype: str
+    source: str
+    options: str  # super options (lowerdir=... for overlays)
+
+
+def _unescape(field: str) -> str:
+    return field.encode().decode("unicode_escape").encode("latin-1").decode(
+        "utf-8", "surrogateescape")
+
+
+def mounts() -> list[MountInfo]:
+    out = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            rfields = right.split()
+            if len(fields) < 5 or len(rfields) < 3:
+                continue
+            out.append(MountInfo(_unescape(fields[4]), rfields[0], _unescape(rfields[1]),
+                                 rfields[2]))
+    return out
+
+
+def is_mounted(path: str) -> bool:
+    path = os.path.abspath(path)
+    return any(m.mountpoint == path for m in mounts())
+
+
+def overlays_on(lower_prefix: str) -> list[str]:
+    """Mountpoints of overlays whose lowerdir lies under ``lower_prefix``."""
+    prefix = lower_prefix.rstrip("/") + "/"
+    found = []
+    for m in mounts():
+        if m.fstype != "overlay":
+            continue
+        for opt in m.options.split(","):
+            if opt.startswith("lowerdir=") and _unescape(opt[9:]).startswith(prefix):
+                found.append(m.mountpoint)
+    return found
+
+
+# -- reading an upper dir -------------------------------------------------------------------
+
+OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque")
+WHITEOUT_XATTRS = (b"trusted.overlay.whiteout", b"user.overlay.whiteout")
+REFUSED_XATTRS = (b"trusted.overlay.redirect", b"trusted.overlay.metacopy",
+                  b"user.overlay.redirect", b"user.overlay.metacopy")
+
+
+@dataclass
+class UpperItem:
+    """One name in an upper dir, classified the way overlayfs means it."""
+
+    name: bytes
+    path: bytes
+    st: os.stat_result
+    kind: str  # whiteout | opaque-dir | dir | file | symlink
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind in ("dir", "opaque-dir")
+
+
+def _xattrs(path: bytes) -> list[bytes]:
+    try:
+        return [os.fsencode(n) for n in os.listxattr(path, follow_symlinks=False)]
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.ENODATA):
+            return []
+        raise
+
+
+def _has(path: bytes, names: list[bytes], wanted: tuple[bytes, ...]) -> bytes | None:
+    for n in wanted:
+        if n in names:
+            return n
+    return None
+
+
+def scan_upper(path: bytes) -> Iterator[UpperItem]:
+    """Classify the entries of one upper directory (not recursive).
+
+    Refuses redirect/metacopy xattrs: those describe data that lives in another layer, which
+    this differ does not follow yet (a later fast read path needs them).
+    """
+    try:
+        with os.scandir(path) as it:
+            names = [d.name for d in it]
+    except OSError as exc:
+        raise from_oserror(exc, os.fsdecode(path)) from exc
+    for name in names:
+        p = path + b"/" + name
+        try:
+            st = os.lstat(p)
+            mode = st.st_mode
+            if stat.S_ISCHR(mode) and st.st_rdev == 0:
+                yield UpperItem(name, p, st, "whiteout")
+                continue
+            if stat.S_ISLNK(mode):
+                yield UpperItem(name, p, st, "symlink")
+                continue
+            xattrs = _xattrs(p)
+            refused = _has(p, xattrs, REFUSED_XATTRS)
+            if refused:
+                raise Unsupported(f"{os.fsdecode(p)}: carries {refused.decode()}, which commit "
+                                  "cannot represent yet (mount nodes with redirect_dir=off, "
+                                  "metacopy=off)")
+            if stat.S_ISDIR(mode):
+                opaque = _has(p, xattrs, OPAQUE_XATTRS)
+                is_opaque = opaque is not None and os.getxattr(
+                    p, opaque, follow_symlinks=False) == b"y"
+                yield UpperItem(name, p, st, "opaque-dir" if is_opaque else "dir")
+            elif stat.S_ISREG(mode):
+                if st.st_size == 0 and _has(p, xattrs, WHITEOUT_XATTRS):
+                    yield UpperItem(name, p, st, "whiteout")
+                else:
+                    yield UpperItem(name, p, st, "file")
+            else:
+                raise Unsupported(f"{os.fsdecode(p)}: cannot commit a "
+                                  f"{'FIFO' if stat.S_ISFIFO(mode) else 'special file'}")
+        except OppieError:
+            raise
+        except OSError as exc:
+            raise from_oserror(exc, os.fsdecode(p)) from exc

@@ -1,0 +1,231 @@
+"""StateManager: import / fork / commit / drop / prune, node pins, lineage, recovery.
+
+One instance lives in the daemon; its methods are called from worker threads (control
+commands), never from the FUSE thread, because fork and drop mount and unmount overlays
+whose lowerdir is on our own FUSE mount.
+
+Nodes live under ``<store>/nodes/<node>/`` (``upper``, ``work``, ``merged``); the overlay is
+mounted on ``merged`` and ``<mnt>/nodes/<node>`` is a symlink to it, so agents working in a
+node touch only the kernel's overlay and the host filesystem, never the daemon. A node's
+record (base snapshot, last commit) and the pin on its base change in one LMDB transaction.
+Order of effects keeps crashes harmless: fork writes the record before mounting (a record
+without a mount is re-attached on the next start), drop unmounts, then removes the record,
+then deletes the directory (a directory without a record is swept on the next start).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import overlay, tree
+from .errors import InvalidArgument, NotFound, OppieError
+from .store import Store
+
+log = logging.getLogger("oppiefs.state")
+
+NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_node_id(node: str) -> str:
+    if not isinstance(node, str) or not NODE_RE.match(node) or ".." in node:
+        raise InvalidArgument(f"bad node id {node!r}: expected letters, digits, '_', '-', '.'")
+    return node
+
+
+class StateManager:
+    def __init__(self, store: Store, mountpoint: str | os.PathLike[str]) -> None:
+        self.store = store
+        self.reader = tree.Reader(store)
+        self.mountpoint = Path(os.path.abspath(mountpoint))
+        self.node_root = store.path / "nodes"
+        self.node_root.mkdir(exist_ok=True)
+        self._lock = threading.Lock()  # guards _node_locks and _links
+        self._node_locks: dict[str, threading.Lock] = {}
+        self._links: dict[str, str] = {}
+        self.gc_wanted = threading.Event()
+        # Called with a snapshot id when it leaves the listing (the mount drops its dentry).
+        self.on_released: Callable[[str], None] = lambda snapshot_id: None
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _dirs(self, node: str) -> tuple[Path, Path, Path, Path]:
+        base = self.node_root / node
+        return base, base / "upper", base / "work", base / "merged"
+
+    def _lower(self, root: bytes) -> str:
+        return str(self.mountpoint / "snapshots" / root.hex())
+
+    def _node_lock(self, node: str) -> threading.Lock:
+        with self._lock:
+            return self._node_locks.setdefault(node, threading.Lock())
+
+    def _record(self, node: str) -> dict[str, Any]:
+        rec = self.store.node(check_node_id(node))
+        if rec is None:
+            raise NotFound(f"no node {node!r}")
+        return rec
+
+    def node_paths(self) -> dict[str, str]:
+        """Node name -> merged dir, for ``<mnt>/nodes/`` (cheap: called on the FUSE thread)."""
+        return self._links
+
+    def _set_link(self, node: str, merged: Path | None) -> None:
+        with self._lock:
+            links = dict(self._links)
+            if merged is None:
+                links.pop(node, None)
+            else:
+                links[node] = str(merged)
+            self._links = links
+
+    # -- commands ---------------------------------------------------------------------------
+
+    def import_path(self, path: str) -> dict[str, Any]:
+        if "\0" in path:
+            raise InvalidArgument("import path contains a NUL byte")
+        p = tree.host_path_ok(path)
+        if ".." in Path(path).parts:
+            raise InvalidArgument(f"import path must be normalized (no '..'): {path!r}")
+        if p.resolve() == self.mountpoint or self.mountpoint in p.resolve().parents:
+            raise InvalidArgument(f"cannot import from inside the mount itself: {path}")
+        report = tree.import_dir(self.store, p)
+        return {"snapshot": report.root.hex(), "files": report.files, "bytes": report.bytes}
+
+    def fork(self, snapshot: str) -> dict[str, Any]:
+        root = self.store.resolve(snapshot)
+        node = secrets.token_hex(6)
+        base, upper, work, merged = self._dirs(node)
+        with self._node_lock(node):
+            for d in (upper, work, merged):
+                d.mkdir(parents=True)
+            record = {"base": root.hex(), "head": None, "created": time.time()}
+            try:
+                self.store.add_node(node, record, root)
+            except OppieError:
+                shutil.rmtree(base, ignore_errors=True)
+                raise
+            try:
+                overlay.mount_overlay(self._lower(root), str(upper), str(work), str(merged))
+            except OppieError:
+                self.store.remove_node(node, root)
+                shutil.rmtree(base, ignore_errors=True)
+                raise
+            self._set_link(node, merged)
+        return {"node": node, "path": str(self.mountpoint / "nodes" / node),
+                "snapshot": root.hex(), "dir": str(merged)}
+
+    def commit(self, node: str) -> dict[str, Any]:
+        with self._node_lock(check_node_id(node)):
+            record = self._record(node)
+            root = bytes.fromhex(record["base"])
+            _, upper, _, _ = self._dirs(node)
+            if not upper.is_dir():
+                raise NotFound(f"node {node!r} has lost its upper dir")
+            parent = record["head"] or record["base"]
+            with self.store.writer() as w:
+                built = tree.apply_upper(self.reader, w, root, os.fsencode(upper),
+                                         overlay.scan_upper)
+                rec = self.store.publish(w, built.oid, parent=parent,
+                                         logical_bytes=built.bytes, files=built.files)
+            record["head"] = rec.id
+            self.store.update_node(node, record)
+        return {"snapshot": rec.id, "parent": parent, "node": node}
+
+    def drop(self, node: str, *, force: bool = False) -> dict[str, Any]:
+        with self._node_lock(check_node_id(node)):
+            record = self._record(node)
+            base, _, _, merged = self._dirs(node)
+            overlay.unmount(str(merged), lazy=force)
+            self._set_link(node, None)
+            self.store.remove_node(node, bytes.fromhex(record["base"]))
+            shutil.rmtree(base, ignore_errors=True)
+        with self._lock:
+            self._node_locks.pop(node, None)
+        self.gc_wanted.set()
+        return {"node": node}
+
+    def prune(self, snapshot: str) -> dict[str, Any]:
+        root = self.store.resolve(snapshot)
+        rec = self.store.release(root)
+        if not rec.listed:
+            self.on_released(rec.id)
+        self.gc_wanted.set()
+        return {"snapshot": root.hex(), "refs": rec.refs, "pins": rec.pins}
+
+    def status(self) -> dict[str, Any]:
+        s = self.store.stats()
+        return {"snapshots": s.snapshots, "nodes": s.nodes, "objects": s.objects,
+                "stored_bytes": s.stored_bytes, "logical_bytes": s.logical_bytes}
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def recover(self) -> list[str]:
+        """Re-attach every recorded node; sweep node dirs that have no record.
+
+        Returns problems found. A node whose upper dir is gone is reported and kept (its
+        record pins its base) so nothing is silently deleted.
+        """
+        problems = []
+        records = self.store.nodes()
+        for node, record in sorted(records.items()):
+            _, upper, work, merged = self._dirs(node)
+            if not upper.is_dir():
+                problems.append(f"node {node}: upper dir {upper} is missing; "
+                                "drop it to release its snapshot")
+                continue
+            try:
+                if overlay.is_mounted(str(merged)):
+                    overlay.unmount(str(merged), lazy=True)  # stacked on a dead lower
+                work.mkdir(exist_ok=True)
+                merged.mkdir(exist_ok=True)
+                overlay.mount_overlay(self._lower(bytes.fromhex(record["base"])), str(upper),
+                                      str(work), str(merged))
+                self._set_link(node, merged)
+            except OppieError as exc:
+                problems.append(f"node {node}: cannot re-attach: {exc}")
+        for d in self.node_root.iterdir():
+            if d.name not in records:
+                merged = d / "merged"
+                if overlay.is_mounted(str(merged)):
+                    overlay.unmount(str(merged), lazy=True)
+                shutil.rmtree(d, ignore_errors=True)
+                log.info("swept stale node dir %s", d)
+        for p in problems:
+            log.warning("%s", p)
+        return problems
+
+    def detach_all(self) -> None:
+        """Unmount every node overlay (lazily): on shutdown, before the FUSE mount goes."""
+        for node in list(self._links):
+            _, _, _, merged = self._dirs(node)
+            try:
+                overlay.unmount(str(merged), lazy=True)
+            except OppieError as exc:
+                log.warning("cannot detach node %s: %s", node, exc)
+            self._set_link(node, None)
+
+    def run_gc(self, stop: threading.Event, interval: float = 30.0) -> None:
+        """Background sweeper: runs after prunes/drops, and every ``interval`` seconds."""
+        while not stop.is_set():
+            self.gc_wanted.wait(interval)
+            self.gc_wanted.clear()
+            if stop.is_set():
+                return
+            try:
+                n, nbytes = self.store.sweep()
+                if n:
+                    log.info("gc: freed %d objects, %d bytes", n, nbytes)
+            except OppieError as exc:
+                log.error("gc failed: %s", exc)
+            except Exception:
+                log.exception("gc crashed")
+            time.sleep(0.2)  # coalesce bursts of prunes into one sweep
