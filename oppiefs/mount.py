@@ -188,25 +188,26 @@ def start_background(mountpoint: str, store_dir: Path, *, options: list[str],
     os.close(w)
     deadline = time.monotonic() + timeout
     data = b""
+    eof = False
     try:
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not eof:
             ready, _, _ = select.select([r], [], [], 0.5)
             if ready:
                 chunk = os.read(r, 4096)
-                if not chunk:
-                    break
+                eof = not chunk or chunk.endswith(b"\n")
                 data += chunk
-                if data.endswith(b"\n"):
-                    break
             elif proc.poll() is not None:
                 break
     finally:
         os.close(r)
     if data.startswith(b"ok"):
         return data[2:].decode().strip()
-    if proc.poll() is None and not data:
+    try:
+        proc.wait(timeout=10 if eof else 0.1)
+    except subprocess.TimeoutExpired:
         proc.kill()
-        raise OppieError(f"daemon did not become ready within {timeout:.0f}s (log: {logfile})")
+        raise OppieError(f"daemon did not become ready within {timeout:.0f}s "
+                         f"(log: {logfile})") from None
     raise OppieError(f"mount failed: {_last_error(logfile)} (log: {logfile})")
 
 

@@ -12,3 +12,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+import pytest  # noqa: E402
+
+from tests.mountutil import Daemon, sweep_mounts  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_stale_mounts(tmp_path_factory: pytest.TempPathFactory):
+    """Lazily unmount FUSE/overlay leftovers under pytest's temp base, before and after."""
+    base = tmp_path_factory.getbasetemp().parent
+    sweep_mounts(base)
+    yield
+    sweep_mounts(base)
+
+
+@pytest.fixture
+def daemon(tmp_path: Path):
+    """A live mount of a fresh store: ``daemon.mnt``, ``daemon.store``; always cleaned up."""
+    d = Daemon(tmp_path / "mnt", tmp_path / "store")
+    d.start()
+    try:
+        yield d
+    finally:
+        d.stop()

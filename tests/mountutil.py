@@ -1,0 +1,141 @@
+"""A real oppiefs daemon for tests: start in the foreground, wait until mounted, clean up.
+
+``Daemon.start`` polls until the mountpoint is a live FUSE mount and fails fast, with the
+daemon's log, if the process dies first. ``Daemon.stop`` always leaves no mount behind:
+node overlays and the FUSE mount are unmounted (lazily if busy), then the process is
+terminated (killed if it lingers). ``sweep_mounts`` lazily unmounts leftovers under a
+directory (used at session start and end).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def mounts_under(prefix: str | Path) -> list[tuple[str, str]]:
+    """(mountpoint, fstype) of FUSE/overlay mounts at or below ``prefix``, deepest first."""
+    prefix = str(prefix).rstrip("/")
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            mp = left.split()[4].encode().decode("unicode_escape")
+            fstype = right.split()[0]
+            if (fstype.startswith("fuse") or fstype == "overlay") and (
+                mp == prefix or mp.startswith(prefix + "/")
+            ):
+                found.append((mp, fstype))
+    return sorted(found, key=lambda m: -len(m[0]))
+
+
+def overlays_on(mnt: str | Path) -> list[str]:
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if right.split()[0] == "overlay" and f"lowerdir={mnt}/" in right:
+                out.append(left.split()[4])
+    return out
+
+
+def lazy_umount(path: str) -> None:
+    subprocess.run(["umount", "-l", path], capture_output=True)
+
+
+def sweep_mounts(prefix: str | Path) -> list[str]:
+    gone = []
+    for mp, _ in mounts_under(prefix):
+        lazy_umount(mp)
+        gone.append(mp)
+    return gone
+
+
+def is_live_mount(path: Path) -> bool:
+    if not any(mp == str(path) for mp, fs in mounts_under(path) if fs.startswith("fuse")):
+        return False
+    try:
+        os.statvfs(path)
+    except OSError:
+        return False
+    return True
+
+
+def oppiefs_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "oppiefs.cli", *args]
+
+
+class DaemonDied(RuntimeError):
+    pass
+
+
+class Daemon:
+    def __init__(self, mnt: Path, store: Path, *extra: str) -> None:
+        self.mnt = Path(mnt)
+        self.store = Path(store)
+        self.extra = list(extra)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = self.store.parent / f"{self.store.name}-daemon.log"
+
+    def start(self, timeout: float = 30.0) -> Daemon:
+        self.mnt.mkdir(parents=True, exist_ok=True)
+        logf = open(self.log, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+        self.proc = subprocess.Popen(
+            oppiefs_cmd("mount", "-f", "--store", str(self.store), str(self.mnt), *self.extra),
+            stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, cwd=ROOT)
+        logf.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise DaemonDied(f"daemon exited with {self.proc.returncode}:\n{self.log_text()}")
+            if is_live_mount(self.mnt) and (self.mnt / "ctl").exists():
+                return self
+            time.sleep(0.02)
+        self.stop()
+        raise DaemonDied(f"daemon not mounted after {timeout}s:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        """SIGKILL the daemon, leaving its (now dead) mounts in place, like a crash."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        """Unmount everything this daemon served and end it; never leaves a mount."""
+        try:
+            for mp in overlays_on(self.mnt):
+                lazy_umount(mp)
+            if any(mp == str(self.mnt) for mp, _ in mounts_under(self.mnt)):
+                res = subprocess.run(["fusermount3", "-u", str(self.mnt)], capture_output=True)
+                if res.returncode != 0:
+                    lazy_umount(str(self.mnt))
+            sweep_mounts(self.mnt)
+            sweep_mounts(self.store)
+        finally:
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(10)
+            sweep_mounts(self.mnt)
+            sweep_mounts(self.store)
+
+    def __enter__(self) -> Daemon:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
