@@ -1,0 +1,72 @@
+"""Benchmark corpora shared by every bench script: a generated tree and the kernel tree.
+
+Both live under one work dir (default /var/tmp/oppiefs-bench, or OPPIEFS_BENCH_DIR) and are
+made once: the generated tree (2,000 files, 50 MB, fixed seed) from tests.treeutil, the
+kernel tree unpacked from Debian's linux-source-6.1 tarball (None when it is not installed).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tests.treeutil import make_sized_tree  # noqa: E402
+
+LINUX_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
+WORK = Path(os.environ.get("OPPIEFS_BENCH_DIR", "/var/tmp/oppiefs-bench"))
+
+
+def rmtree(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def generated_tree(work: Path = WORK, files: int = 2000, total_bytes: int = 50_000_000,
+                   seed: int = 0) -> Path:
+    name = f"generated-{files}x{total_bytes // 1_000_000}MB-seed{seed}"
+    root, stamp = work / name, work / f"{name}.done"
+    if not stamp.exists():
+        rmtree(root)
+        make_sized_tree(root, files=files, total_bytes=total_bytes, seed=seed)
+        stamp.touch()
+    return root
+
+
+def linux_tree(work: Path = WORK) -> Path | None:
+    root = work / "linux-source-6.1"
+    if root.is_dir():
+        return root
+    if not LINUX_TARBALL.exists():
+        print(f"skipping the kernel tree: {LINUX_TARBALL} is not installed "
+              "(apt-get install linux-source-6.1)", file=sys.stderr)
+        return None
+    print(f"unpacking {LINUX_TARBALL} into {work} (once) ...", file=sys.stderr)
+    tmp = work / ".unpack"
+    rmtree(tmp)
+    tmp.mkdir(parents=True)
+    subprocess.run(["tar", "-xJf", str(LINUX_TARBALL), "-C", str(tmp)], check=True)
+    (tmp / "linux-source-6.1").rename(root)
+    tmp.rmdir()
+    return root
+
+
+def warm(root: Path) -> tuple[int, int]:
+    """Read every file once so timed steps start with the same (warm) page cache."""
+    files = nbytes = 0
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                continue
+            with open(path, "rb", buffering=0) as f:
+                while chunk := f.read(1 << 20):
+                    nbytes += len(chunk)
+            files += 1
+    return files, nbytes
