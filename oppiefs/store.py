@@ -247,7 +247,7 @@ class Store:
             txn.put(oid, _U64.pack(self._meta_int(txn, b"gen")), db=self.db["zero"])
 
     def _put_object(self, txn: lmdb.Transaction, oid: bytes, kind: bytes, payload: bytes,
-                    gen: int) -> None:
+                    gen: int, children: Iterable[bytes] | None = None) -> None:
         """Write one object (or touch an existing unreferenced one so GC spares it)."""
         objects = self.db["objects"]
         if txn.get(oid, db=objects) is not None:
@@ -257,7 +257,7 @@ class Store:
         txn.put(oid, kind + payload, db=objects)
         txn.put(oid, _U64.pack(0), db=self.db["refs"])
         txn.put(oid, _U64.pack(gen), db=self.db["zero"])
-        for child in self.children_of(kind, payload):
+        for child in self.children_of(kind, payload) if children is None else children:
             self._incref(txn, child)
         self._set_meta_int(txn, b"objects", self._meta_int(txn, b"objects") + 1)
         self._set_meta_int(txn, b"stored_bytes",
@@ -586,14 +586,15 @@ class Writer:
         self.store = store
         self.batch_bytes = batch_bytes
         self.sid = store._begin_session()
-        self.pending: dict[bytes, tuple[bytes, bytes]] = {}
+        self.pending: dict[bytes, tuple[bytes, bytes, Iterable[bytes] | None]] = {}
         self.pending_bytes = 0
         self.closed = False
 
-    def put(self, kind: bytes, payload: bytes) -> bytes:
+    def put(self, kind: bytes, payload: bytes, children: Iterable[bytes] | None = None) -> bytes:
+        """Queue an object; ``children`` (its references) spares decoding it again."""
         oid = oid_of(payload)
         if oid not in self.pending:
-            self.pending[oid] = (kind, bytes(payload))
+            self.pending[oid] = (kind, bytes(payload), children)
             self.pending_bytes += len(payload)
             if self.pending_bytes >= self.batch_bytes:
                 self.flush()
@@ -605,8 +606,8 @@ class Writer:
             self._after_flush()
 
     def _flush_in(self, txn: lmdb.Transaction) -> None:
-        for oid, (kind, payload) in self.pending.items():
-            self.store._put_object(txn, oid, kind, payload, self.sid)
+        for oid, (kind, payload, children) in self.pending.items():
+            self.store._put_object(txn, oid, kind, payload, self.sid, children)
 
     def _after_flush(self) -> None:
         self.pending.clear()

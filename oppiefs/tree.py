@@ -153,7 +153,8 @@ def subtree_entries(entries: list[Entry]) -> int:
 
 def put_tree(w: Writer, entries: list[Entry], sub_bytes: int, sub_files: int) -> Built:
     payload, nbytes, nfiles = encode_tree(entries, sub_bytes, sub_files)
-    return Built(w.put(KIND_TREE, payload), subtree_entries(entries), nbytes, nfiles)
+    oid = w.put(KIND_TREE, payload, _entry_refs(entries))
+    return Built(oid, subtree_entries(entries), nbytes, nfiles)
 
 
 def decode_tree(payload: bytes) -> Tree:
@@ -204,9 +205,13 @@ def children_of(kind: bytes, payload: bytes) -> list[bytes]:
     if kind == KIND_LIST:
         return [oid for oid, _ in decode_list(payload)]
     if kind == KIND_TREE:
-        return [e.ref for e in decode_tree(payload).entries
-                if e.type in (T_CHUNKED, T_DIR) or (e.type == T_FILE and e.ref != ZERO_ID)]
+        return _entry_refs(decode_tree(payload).entries)
     raise Corrupt(f"unknown object kind {kind!r}")
+
+
+def _entry_refs(entries: list[Entry]) -> list[bytes]:
+    return [e.ref for e in entries
+            if e.type in (T_CHUNKED, T_DIR) or (e.type == T_FILE and e.ref != ZERO_ID)]
 
 
 def open_store(path: str | os.PathLike[str], *, create: bool = True) -> Store:
@@ -335,13 +340,13 @@ def store_file(w: Writer, path: bytes) -> tuple[int, bytes, int]:
     """Chunk and store one file's content -> (entry type, ref, size actually read)."""
     chunks: list[tuple[bytes, int]] = []
     for data in chunker.chunk_file(path):
-        chunks.append((w.put(KIND_CHUNK, data), len(data)))
+        chunks.append((w.put(KIND_CHUNK, data, ()), len(data)))
     size = sum(n for _, n in chunks)
     if not chunks:
         return T_FILE, ZERO_ID, 0
     if len(chunks) == 1:
         return T_FILE, chunks[0][0], size
-    return T_CHUNKED, w.put(KIND_LIST, encode_list(chunks)), size
+    return T_CHUNKED, w.put(KIND_LIST, encode_list(chunks), [c for c, _ in chunks]), size
 
 
 def entry_from_stat(name: bytes, st: os.stat_result, etype: int, ref: bytes = ZERO_ID,
@@ -575,20 +580,38 @@ def apply_upper(reader: Reader, w: Writer, base: bytes | None, upper: bytes,
 
     A pure function of (parent tree, upper dir): unchanged entries are reused as they are
     (their objects are pinned by the node's base snapshot), only directories on changed
-    paths are re-encoded.
+    paths are re-encoded, and subtree totals are updated by difference (the cost of a
+    commit follows the size of the change, never the size of the tree).
     """
-    merged = {e.name: e for e in reader.tree(base).entries} if base is not None else {}
-    built: dict[bytes, Built] = {}
+    if base is not None:
+        lower = reader.tree(base)
+        merged = {e.name: e for e in lower.entries}
+        totals = [lower.total_bytes, lower.total_files]
+    else:
+        merged, totals = {}, [0, 0]
+
+    def drop(name: bytes) -> None:
+        old = merged.pop(name, None)
+        if old is not None and old.is_file:
+            totals[0] -= old.size
+            totals[1] -= 1
+        elif old is not None and old.is_dir:
+            t = reader.tree(old.ref)
+            totals[0] -= t.total_bytes
+            totals[1] -= t.total_files
+
     for item in scan(upper):
         name, st = item.name, item.st
-        built.pop(name, None)
+        low = merged.get(name)
+        drop(name)
         if item.kind == "whiteout":
-            merged.pop(name, None)
-        elif item.kind in ("dir", "opaque-dir"):
-            low = merged.get(name)
+            continue
+        if item.kind in ("dir", "opaque-dir"):
             below = low.ref if item.kind == "dir" and low is not None and low.is_dir else None
-            sub = built[name] = apply_upper(reader, w, below, item.path, scan)
+            sub = apply_upper(reader, w, below, item.path, scan)
             merged[name] = entry_from_stat(name, st, T_DIR, sub.oid, sub.entries)
+            totals[0] += sub.bytes
+            totals[1] += sub.files
         elif item.kind == "symlink":
             try:
                 target = os.readlink(item.path)
@@ -601,16 +624,11 @@ def apply_upper(reader: Reader, w: Writer, base: bytes | None, upper: bytes,
             except OSError as exc:
                 raise from_oserror(exc, os.fsdecode(item.path)) from exc
             merged[name] = entry_from_stat(name, st, etype, ref, size)
+            totals[0] += size
+            totals[1] += 1
         else:
             raise Unsupported(f"{os.fsdecode(item.path)}: unknown upper entry {item.kind}")
-    sub_bytes = sub_files = 0
-    for e in merged.values():
-        if e.is_dir:
-            if e.name in built:
-                sub_bytes += built[e.name].bytes
-                sub_files += built[e.name].files
-            else:
-                t = reader.tree(e.ref)
-                sub_bytes += t.total_bytes
-                sub_files += t.total_files
-    return put_tree(w, list(merged.values()), sub_bytes, sub_files)
+    entries = list(merged.values())
+    direct_bytes = sum(e.size for e in entries if e.is_file)
+    direct_files = sum(1 for e in entries if e.is_file)
+    return put_tree(w, entries, totals[0] - direct_bytes, totals[1] - direct_files)
