@@ -12,6 +12,12 @@ deliberate: snapshot inode numbers use all 64 bits (vfs.py), so overlay could no
 layer index into them; with xino off it reports the real layer inode numbers and a
 per-layer device number, which tools handle. ``nosuid,nodev`` because a node's contents
 are untrusted.
+
+``volatile``: without it, every unmount (drop) and every fsync inside a node syncs the
+*whole* upper filesystem, so a drop would wait for unrelated writeback on the store's disk.
+A node's uncommitted changes are scratch by design; what must be durable is a commit,
+which reads the upper dir and fsyncs the store itself. The price: after a machine crash an
+overlay refuses to remount until its work dir is reset, which state.py does (and says so).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ MS_NOSUID = 2
 MS_NODEV = 4
 MNT_DETACH = 2
 
-OVERLAY_OPTIONS = "index=off,redirect_dir=off,metacopy=off,xino=off"
+OVERLAY_OPTIONS = "index=off,redirect_dir=off,metacopy=off,xino=off,volatile"
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
@@ -55,6 +61,15 @@ def mount_overlay(lower: str, upper: str, work: str, merged: str) -> None:
                            MS_NOSUID | MS_NODEV, opts.encode()), merged)
     except OSError as exc:
         raise from_oserror(exc, f"mount overlay at {merged}") from exc
+
+
+def boot_id() -> str:
+    """Identifies this boot: a node forked in an earlier boot may have lost unsynced data."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def unmount(path: str, *, lazy: bool = False) -> None:

@@ -107,7 +107,8 @@ class StateManager:
         with self._node_lock(node):
             for d in (upper, work, merged):
                 d.mkdir(parents=True)
-            record = {"base": root.hex(), "head": None, "created": time.time()}
+            record = {"base": root.hex(), "head": None, "created": time.time(),
+                      "boot": overlay.boot_id()}
             try:
                 self.store.add_node(node, record, root)
             except OppieError:
@@ -182,10 +183,15 @@ class StateManager:
                 problems.append(f"node {node}: upper dir {upper} is missing; "
                                 "drop it to release its snapshot")
                 continue
+            if record.get("boot") != overlay.boot_id():
+                problems.append(f"node {node}: the machine restarted since it was forked; its "
+                                "uncommitted changes may be incomplete (volatile overlay)")
             try:
                 if overlay.is_mounted(str(merged)):
                     overlay.unmount(str(merged), lazy=True)  # stacked on a dead lower
-                work.mkdir(exist_ok=True)
+                # Scratch space only; a volatile overlay's marker in it blocks a remount.
+                shutil.rmtree(work, ignore_errors=True)
+                work.mkdir()
                 merged.mkdir(exist_ok=True)
                 overlay.mount_overlay(self._lower(bytes.fromhex(record["base"])), str(upper),
                                       str(work), str(merged))
@@ -221,7 +227,7 @@ class StateManager:
             if stop.is_set():
                 return
             try:
-                n, nbytes = self.store.sweep()
+                n, nbytes = self.store.sweep(batch=128, pause=0.005)
                 if n:
                     log.info("gc: freed %d objects, %d bytes", n, nbytes)
             except OppieError as exc:

@@ -31,6 +31,7 @@ import json
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -353,7 +354,6 @@ class Store:
     def publish(self, writer: Writer, root: bytes, *, parent: str | None, logical_bytes: int,
                 files: int) -> SnapshotRecord:
         """Flush the writer and publish ``root`` as a snapshot, atomically."""
-        import time
 
         def fn(txn: lmdb.Transaction) -> SnapshotRecord:
             writer._flush_in(txn)
@@ -435,8 +435,12 @@ class Store:
 
     # -- garbage collection ---------------------------------------------------------------
 
-    def sweep(self, batch: int = 2000) -> tuple[int, int]:
-        """Delete unreferenced objects no in-flight session can need; returns (n, bytes)."""
+    def sweep(self, batch: int = 2000, pause: float = 0.0) -> tuple[int, int]:
+        """Delete unreferenced objects no in-flight session can need; returns (n, bytes).
+
+        Works in transactions of ``batch`` objects; a background sweeper passes small
+        batches and a ``pause`` so foreground commits never wait long for the write lock.
+        """
         total_n = total_bytes = 0
         while True:
             n, nbytes, more = self.write(lambda txn: self._sweep_batch(txn, batch), "gc sweep")
@@ -444,6 +448,8 @@ class Store:
             total_bytes += nbytes
             if not more:
                 return total_n, total_bytes
+            if pause:
+                time.sleep(pause)
 
     def _sweep_batch(self, txn: lmdb.Transaction, batch: int) -> tuple[int, int, bool]:
         oldest = self._oldest_live_session(txn)
