@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("oppiefs.control")
 
 MAX_LINE = 4096
+# What ``Session.feed`` hands on for an overlong line: longer than any real line can be, so
+# it cannot be mistaken for one (a line that is just a NUL byte is a different error).
+OVERLONG = b"\0" * (MAX_LINE + 1)
 
 COMMANDS = {
     "import": "import <absolute host path>: import a host directory as a snapshot",
@@ -59,7 +62,7 @@ class Session:
         self._out = bytearray()
 
     def feed(self, data: bytes) -> list[bytes]:
-        """Append written bytes; return the complete lines (an overlong line as b"\\0")."""
+        """Append written bytes; return the complete lines (an overlong one as OVERLONG)."""
         lines = []
         self._buf += data
         while True:
@@ -70,7 +73,7 @@ class Session:
             del self._buf[: nl + 1]
             if self._overlong or len(line) > MAX_LINE:
                 self._overlong = False
-                lines.append(b"\0")
+                lines.append(OVERLONG)
             else:
                 lines.append(line)
         if len(self._buf) > MAX_LINE:
@@ -113,7 +116,7 @@ class Control:
         return self.state.drop(args[0])
 
     def parse(self, line: bytes) -> tuple[Callable[..., dict[str, Any]], list[str]]:
-        if line == b"\0":
+        if len(line) > MAX_LINE:
             raise InvalidArgument(f"line longer than {MAX_LINE} bytes")
         try:
             text = line.decode("utf-8")
