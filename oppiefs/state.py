@@ -147,7 +147,12 @@ class StateManager:
             base, _, _, merged = self._dirs(node)
             overlay.unmount(str(merged), lazy=force)
             self._set_link(node, None)
-            self.store.remove_node(node, bytes.fromhex(record["base"]))
+            root = bytes.fromhex(record["base"])
+            self.store.remove_node(node, root)
+            if self.store.snapshot(root) is None:
+                # That was the last pin of a pruned snapshot: its data is about to be swept,
+                # so the kernel must forget the snapshots/<id> entry it may have re-cached.
+                self.on_released(root.hex())
             shutil.rmtree(base, ignore_errors=True)
         with self._lock:
             self._node_locks.pop(node, None)
