@@ -135,10 +135,10 @@ class StateManager:
             with self.store.writer() as w:
                 built = tree.apply_upper(self.reader, w, root, os.fsencode(upper),
                                          overlay.scan_upper)
-                rec = self.store.publish(w, built.oid, parent=parent,
-                                         logical_bytes=built.bytes, files=built.files)
-            record["head"] = rec.id
-            self.store.update_node(node, record)
+                record["head"] = built.oid.hex()
+                rec = self.store.publish(w, built.oid, parent=parent, logical_bytes=built.bytes,
+                                         files=built.files, node=(node, record))
+            self.gc_wanted.set()  # apply the commit's logged references soon, in bulk
         return {"snapshot": rec.id, "parent": parent, "node": node}
 
     def drop(self, node: str, *, force: bool = False) -> dict[str, Any]:

@@ -9,6 +9,8 @@ Named databases:
   refs       oid -> u64 count of references from other objects and snapshot records
   zero       oid -> u64 generation at which the object became (or was found) unreferenced;
              the sweeper's work list, so GC never scans the whole store
+  pending    u64 sequence -> concatenated child oids: reference increments logged by the
+             transaction that wrote their parent, applied in bulk by the sweeper
   snapshots  root oid -> JSON record {refs, pins, parent, time, bytes, files}
   nodes      node name -> JSON record (owned by state.py, stored here for atomicity)
   sessions   u64 session id -> JSON {pid, gen}: in-flight imports/commits
@@ -19,6 +21,12 @@ generation. The sweeper deletes a zero-count object only if it became unreferenc
 the oldest in-flight session began, so objects an unpublished commit has written (or found
 and reused) are never swept. Publishing a snapshot and ending its session happen in the
 same transaction as the last object writes. Sessions of dead processes are discarded.
+
+Why the increment log: re-encoding a directory of N entries adds N edges, and bumping N
+counts spread over random B-tree pages made every commit write megabytes. The publishing
+transaction instead appends the increments to ``pending`` (sequential pages); the
+reference state is ``refs`` + ``pending``, changed atomically, and every sweep transaction
+first applies the whole log, so counts are exact whenever a deletion is decided.
 
 Children of TREE and LIST objects are needed to adjust counts; the codec lives in tree.py
 and is injected as ``children_of`` so this module knows nothing about tree layout.
@@ -51,7 +59,7 @@ ChildrenOf = Callable[[bytes, bytes], Iterable[bytes]]
 
 _U64 = struct.Struct("<Q")
 _INITIAL_MAP = 1 << 40  # address space only: LMDB files grow with use, not with map size
-_DBS = ("objects", "refs", "zero", "snapshots", "nodes", "sessions", "meta")
+_DBS = ("objects", "refs", "zero", "pending", "snapshots", "nodes", "sessions", "meta")
 
 
 def oid_of(payload: bytes | memoryview) -> bytes:
@@ -210,9 +218,12 @@ class Store:
             return txn.get(oid, db=self.db["objects"]) is not None
 
     def refcount(self, oid: bytes) -> int:
+        """Current count, including increments logged but not yet applied."""
         with self.env.begin() as txn:
             raw = txn.get(oid, db=self.db["refs"])
-        return _U64.unpack(raw)[0] if raw else 0
+            logged = sum(raw_log[i:i + 32] == oid for _, raw_log in txn.cursor(
+                db=self.db["pending"]) for i in range(0, len(raw_log), 32))
+        return (_U64.unpack(raw)[0] if raw else 0) + logged
 
     def iter_objects(self) -> Iterator[tuple[bytes, bytes, bytes]]:
         """Yield (oid, kind, payload) for every stored object, unverified (fsck checks)."""
@@ -238,6 +249,46 @@ class Store:
             txn.delete(oid, db=self.db["zero"])
         txn.put(oid, _U64.pack(count + by), db=self.db["refs"])
 
+    def _log_increments(self, txn: lmdb.Transaction, children: list[bytes]) -> None:
+        """Record +1 for each child (applied by ``_drain``); children must exist."""
+        if not children:
+            return
+        refs = self.db["refs"]
+        for child in children:
+            if txn.get(child, db=refs) is None:
+                raise Corrupt(f"reference to missing object {child.hex()}")
+        seq = self._meta_int(txn, b"pseq") + 1
+        self._set_meta_int(txn, b"pseq", seq)
+        # Big-endian keys sort in sequence order, so appends stay on the last page.
+        if not txn.put(seq.to_bytes(8, "big"), b"".join(children), db=self.db["pending"],
+                       append=True):
+            raise Corrupt("reference log out of order")
+
+    def _drain(self, txn: lmdb.Transaction, limit: int | None = None) -> bool:
+        """Apply logged increments, oldest first (all, or about ``limit``); True if some left.
+
+        Increments to the same object are summed first: successive commits mostly re-add
+        edges to the same siblings near the root, so a drain writes each count once.
+        """
+        pending = self.db["pending"]
+        counts: dict[bytes, int] = {}
+        done = []
+        n = 0
+        cur = txn.cursor(db=pending)
+        for key, raw in cur:
+            for i in range(0, len(raw), 32):
+                oid = raw[i:i + 32]
+                counts[oid] = counts.get(oid, 0) + 1
+            done.append(key)
+            n += len(raw) // 32
+            if limit is not None and n >= limit:
+                break
+        for oid, by in counts.items():
+            self._incref(txn, oid, by)
+        for key in done:
+            txn.delete(key, db=pending)
+        return limit is not None and n >= limit and txn.stat(pending)["entries"] > 0
+
     def _decref(self, txn: lmdb.Transaction, oid: bytes) -> None:
         raw = txn.get(oid, db=self.db["refs"])
         count = _U64.unpack(raw)[0] if raw else 0
@@ -258,8 +309,8 @@ class Store:
         txn.put(oid, kind + payload, db=objects)
         txn.put(oid, _U64.pack(0), db=self.db["refs"])
         txn.put(oid, _U64.pack(gen), db=self.db["zero"])
-        for child in self.children_of(kind, payload) if children is None else children:
-            self._incref(txn, child)
+        self._log_increments(txn, list(
+            self.children_of(kind, payload) if children is None else children))
         self._set_meta_int(txn, b"objects", self._meta_int(txn, b"objects") + 1)
         self._set_meta_int(txn, b"stored_bytes",
                            self._meta_int(txn, b"stored_bytes") + len(payload))
@@ -352,11 +403,20 @@ class Store:
         return found[0]
 
     def publish(self, writer: Writer, root: bytes, *, parent: str | None, logical_bytes: int,
-                files: int) -> SnapshotRecord:
-        """Flush the writer and publish ``root`` as a snapshot, atomically."""
+                files: int, node: tuple[str, dict[str, Any]] | None = None) -> SnapshotRecord:
+        """Flush the writer and publish ``root`` as a snapshot, atomically.
+
+        ``node`` = (name, record) also rewrites that node's record (its last commit) in the
+        same transaction. A small commit is therefore exactly one LMDB commit (one fsync).
+        """
 
         def fn(txn: lmdb.Transaction) -> SnapshotRecord:
             writer._flush_in(txn)
+            if node is not None:
+                key = node[0].encode()
+                if txn.get(key, db=self.db["nodes"]) is None:
+                    raise NotFound(f"no node {node[0]!r}")
+                txn.put(key, json.dumps(node[1]).encode(), db=self.db["nodes"])
             rec = self._get_snapshot(txn, root)
             if rec is None:
                 if txn.get(root, db=self.db["objects"]) is None:
@@ -365,7 +425,8 @@ class Store:
                 self._incref(txn, root)
             rec.refs += 1
             txn.put(root, rec.encode(), db=self.db["snapshots"])
-            self._end_session(txn, writer.sid)
+            if writer.sid is not None:
+                self._end_session(txn, writer.sid)
             return rec
 
         rec = self.write(fn, "publish snapshot")
@@ -402,15 +463,6 @@ class Store:
 
         self.write(fn, "add node")
 
-    def update_node(self, name: str, record: dict[str, Any]) -> None:
-        def fn(txn: lmdb.Transaction) -> None:
-            key = name.encode()
-            if txn.get(key, db=self.db["nodes"]) is None:
-                raise NotFound(f"no node {name!r}")
-            txn.put(key, json.dumps(record).encode(), db=self.db["nodes"])
-
-        self.write(fn, "update node")
-
     def remove_node(self, name: str, base: bytes) -> None:
         def fn(txn: lmdb.Transaction) -> None:
             key = name.encode()
@@ -441,6 +493,9 @@ class Store:
         Works in transactions of ``batch`` objects; a background sweeper passes small
         batches and a ``pause`` so foreground commits never wait long for the write lock.
         """
+        while self.write(lambda txn: self._drain(txn, limit=batch * 16), "apply references"):
+            if pause:
+                time.sleep(pause)
         total_n = total_bytes = 0
         while True:
             n, nbytes, more = self.write(lambda txn: self._sweep_batch(txn, batch), "gc sweep")
@@ -452,6 +507,7 @@ class Store:
                 time.sleep(pause)
 
     def _sweep_batch(self, txn: lmdb.Transaction, batch: int) -> tuple[int, int, bool]:
+        self._drain(txn)
         oldest = self._oldest_live_session(txn)
         victims = []
         for oid, raw in txn.cursor(db=self.db["zero"]):
@@ -481,9 +537,11 @@ class Store:
         return len(victims), nbytes, more
 
     def garbage(self) -> int:
-        """Number of unreferenced objects waiting for the sweeper."""
+        """Unreferenced objects waiting for the sweeper (logged increments counted in)."""
         with self.env.begin() as txn:
-            return txn.stat(self.db["zero"])["entries"]
+            incoming = {raw[i:i + 32] for _, raw in txn.cursor(db=self.db["pending"])
+                        for i in range(0, len(raw), 32)}
+            return sum(1 for oid, _ in txn.cursor(db=self.db["zero"]) if oid not in incoming)
 
     # -- statistics -----------------------------------------------------------------------
 
@@ -528,7 +586,10 @@ class Store:
             findings.append(f"missing object {oid.hex()} (referenced {expected[oid]} times)")
         with self.env.begin() as txn:
             actual = {k: _U64.unpack(v)[0] for k, v in txn.cursor(db=self.db["refs"])}
-            zero = {k for k, _ in txn.cursor(db=self.db["zero"])}
+            for _, raw in txn.cursor(db=self.db["pending"]):  # logged, not yet applied
+                for i in range(0, len(raw), 32):
+                    actual[raw[i:i + 32]] = actual.get(raw[i:i + 32], 0) + 1
+            zero = {k for k, _ in txn.cursor(db=self.db["zero"]) if not actual.get(k)}
             meta_objects = self._meta_int(txn, b"objects")
             meta_bytes = self._meta_int(txn, b"stored_bytes")
             node_bases = [json.loads(v).get("base") for _, v in txn.cursor(db=self.db["nodes"])]
@@ -559,6 +620,7 @@ class Store:
             gen = self._meta_int(txn, b"gen")
             txn.drop(self.db["refs"], delete=False)
             txn.drop(self.db["zero"], delete=False)
+            txn.drop(self.db["pending"], delete=False)
             for oid in present:
                 count = expected.get(oid, 0)
                 txn.put(oid, _U64.pack(count), db=self.db["refs"])
@@ -586,12 +648,16 @@ class Writer:
 
     Batching keeps the number of LMDB commits (each an fsync) small during a large import.
     Objects must be put children-first (chunks before lists, subtrees before parents).
+
+    The GC session is registered only when a batch is written before publishing: objects
+    that reach the store in the publishing transaction itself need no protection, so a
+    small commit costs one transaction.
     """
 
     def __init__(self, store: Store, batch_bytes: int) -> None:
         self.store = store
         self.batch_bytes = batch_bytes
-        self.sid = store._begin_session()
+        self.sid: int | None = None
         self.pending: dict[bytes, tuple[bytes, bytes, Iterable[bytes] | None]] = {}
         self.pending_bytes = 0
         self.closed = False
@@ -608,12 +674,15 @@ class Writer:
 
     def flush(self) -> None:
         if self.pending:
+            if self.sid is None:
+                self.sid = self.store._begin_session()
             self.store.write(self._flush_in, "write objects")
             self._after_flush()
 
     def _flush_in(self, txn: lmdb.Transaction) -> None:
+        gen = self.sid if self.sid is not None else self.store._meta_int(txn, b"gen")
         for oid, (kind, payload, children) in self.pending.items():
-            self.store._put_object(txn, oid, kind, payload, self.sid, children)
+            self.store._put_object(txn, oid, kind, payload, gen, children)
 
     def _after_flush(self) -> None:
         self.pending.clear()
@@ -625,7 +694,9 @@ class Writer:
             return
         self.closed = True
         self.pending.clear()
-        self.store.write(lambda txn: self.store._end_session(txn, self.sid), "abort session")
+        sid = self.sid
+        if sid is not None:
+            self.store.write(lambda txn: self.store._end_session(txn, sid), "abort session")
 
     def __enter__(self) -> Writer:
         return self

@@ -1,0 +1,108 @@
+"""Reference counting and GC of the store, without a mount.
+
+The rules under test: counts (applied + logged) always equal the edges that exist; the
+sweeper frees exactly what no snapshot, node pin or in-flight session needs; a commit of
+a directory touches only its own path, and increments are applied in bulk.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from oppiefs import overlay, tree
+from oppiefs.errors import NotFound
+from oppiefs.store import KIND_CHUNK, Store
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    s = tree.open_store(tmp_path / "store")
+    yield s
+    s.close()
+
+
+def _tree(root: Path, files: dict[str, bytes]) -> Path:
+    for rel, data in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    return root
+
+
+def test_prune_then_sweep_frees_everything(store: Store, tmp_path: Path) -> None:
+    src = _tree(tmp_path / "a", {f"d{i}/f{j}": os.urandom(3000) for i in range(5)
+                                 for j in range(20)})
+    rep = tree.import_dir(store, src)
+    assert store.check() == []
+    assert store.sweep() == (0, 0)  # everything is referenced
+    store.release(rep.root)
+    n, nbytes = store.sweep()
+    assert n > 100 and nbytes > 300_000
+    assert store.stats().objects == 0 and store.stats().stored_bytes == 0
+    assert store.check() == []
+
+
+def test_shared_objects_survive_partial_prune(store: Store, tmp_path: Path) -> None:
+    common = {f"c/f{j}": os.urandom(2000) for j in range(30)}
+    a = tree.import_dir(store, _tree(tmp_path / "a", {**common, "only-a": b"A" * 5000}))
+    b = tree.import_dir(store, _tree(tmp_path / "b", {**common, "only-b": b"B" * 5000}))
+    store.release(a.root)
+    store.sweep()
+    assert store.check() == []
+    reader = tree.Reader(store)
+    for rel, data in common.items():
+        assert reader.read_all(reader.lookup(b.root, rel)) == data
+    assert store.snapshot(a.root) is None
+    with pytest.raises(NotFound):
+        store.resolve(a.root.hex())
+
+
+def test_in_flight_session_protects_its_objects(store: Store, tmp_path: Path) -> None:
+    w = store.writer(batch_bytes=1)  # every put is flushed: a registered session
+    oid = w.put(KIND_CHUNK, b"in flight", ())
+    assert store.exists(oid)
+    assert store.sweep() == (0, 0)  # unreferenced, but the session may still publish it
+    w.abort()
+    assert store.sweep() == (1, len(b"in flight"))
+    assert not store.exists(oid)
+
+
+def test_node_pin_keeps_pruned_snapshot(store: Store, tmp_path: Path) -> None:
+    rep = tree.import_dir(store, _tree(tmp_path / "a", {"x": b"x" * 100}))
+    store.add_node("n1", {"base": rep.root.hex()}, rep.root)
+    rec = store.release(rep.root)
+    assert not rec.listed and rec.pins == 1
+    store.sweep()
+    assert tree.Reader(store).read_all(tree.Reader(store).lookup(rep.root, "x")) == b"x" * 100
+    store.remove_node("n1", rep.root)
+    store.sweep()
+    assert store.stats().objects == 0
+    assert store.check() == []
+
+
+def test_commit_logs_increments_and_drain_applies_them(store: Store, tmp_path: Path) -> None:
+    files = {f"big/f{j:03d}": f"file {j}".encode() for j in range(300)}
+    base = tree.import_dir(store, _tree(tmp_path / "a", files))
+    upper = tmp_path / "upper"
+    _tree(upper, {"big/f007": b"changed"})
+    reader = tree.Reader(store)
+    with store.writer() as w:
+        built = tree.apply_upper(reader, w, base.root, os.fsencode(upper), overlay.scan_upper)
+        store.publish(w, built.oid, parent=base.root.hex(), logical_bytes=built.bytes,
+                      files=built.files)
+    # Totals by difference equal a full recount.
+    t = reader.tree(built.oid)
+    walked = [e for _, e in reader.walk(built.oid) if e.is_file]
+    assert (t.total_bytes, t.total_files) == (sum(e.size for e in walked), len(walked))
+    unchanged = reader.lookup(built.oid, "big/f001")
+    assert store.refcount(unchanged.ref) == 2  # both big/ trees point at it (one logged)
+    assert store.check() == []
+    store.sweep()  # applies the log
+    with store.env.begin() as txn:
+        assert txn.stat(store.db["pending"])["entries"] == 0
+    assert store.refcount(unchanged.ref) == 2
+    assert reader.read_all(reader.lookup(built.oid, "big/f007")) == b"changed"
+    assert store.check() == []
