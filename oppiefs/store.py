@@ -40,7 +40,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -224,12 +224,6 @@ class Store:
             logged = sum(raw_log[i:i + 32] == oid for _, raw_log in txn.cursor(
                 db=self.db["pending"]) for i in range(0, len(raw_log), 32))
         return (_U64.unpack(raw)[0] if raw else 0) + logged
-
-    def iter_objects(self) -> Iterator[tuple[bytes, bytes, bytes]]:
-        """Yield (oid, kind, payload) for every stored object, unverified (fsck checks)."""
-        with self.env.begin() as txn:
-            for oid, raw in txn.cursor(db=self.db["objects"]):
-                yield oid, raw[:1], raw[1:]
 
     # -- reference counting (inside a caller's write txn) ------------------------------
 
@@ -561,17 +555,26 @@ class Store:
     def check(self, *, repair: bool = False) -> list[str]:
         """Verify hashes and recount references from objects and snapshot records.
 
-        Returns human-readable findings (empty when clean). With ``repair``, rewrites the
-        counts and the sweeper's work list to match reality (corrupt objects stay reported).
+        Returns human-readable findings (empty when clean). Runs in one transaction, so a
+        live daemon's concurrent commits cannot make it see drift that is not there. With
+        ``repair`` (in a write transaction) it rewrites counts, pins and the sweeper's work
+        list to match what exists; orphans are then freed by the next sweep. Corrupt
+        objects stay (and stay reported): only a re-import can restore their content.
         """
+        if repair:
+            return self.write(lambda txn: self._check_in(txn, repair=True), "fsck repair")
+        with self.env.begin() as txn:
+            return self._check_in(txn, repair=False)
+
+    def _check_in(self, txn: lmdb.Transaction, *, repair: bool) -> list[str]:
         findings: list[str] = []
         expected: dict[bytes, int] = {}
         present: set[bytes] = set()
         nbytes = 0
-        for oid, kind, payload in self.iter_objects():
+        for oid, raw in txn.cursor(db=self.db["objects"]):
+            kind, payload = raw[:1], raw[1:]
             present.add(oid)
             nbytes += len(payload)
-            expected.setdefault(oid, 0)
             if kind not in KINDS or oid_of(payload) != oid:
                 findings.append(f"corrupt object {oid.hex()}: content does not match its id")
                 continue
@@ -580,67 +583,60 @@ class Store:
                     expected[child] = expected.get(child, 0) + 1
             except OppieError:
                 findings.append(f"corrupt object {oid.hex()}: undecodable {kind.decode()}")
-        for rec in self.snapshots(include_unlisted=True):
+        snaps = [SnapshotRecord.decode(k, v) for k, v in txn.cursor(db=self.db["snapshots"])]
+        for rec in snaps:
             expected[rec.root] = expected.get(rec.root, 0) + 1
         for oid in expected.keys() - present:
             findings.append(f"missing object {oid.hex()} (referenced {expected[oid]} times)")
-        with self.env.begin() as txn:
-            actual = {k: _U64.unpack(v)[0] for k, v in txn.cursor(db=self.db["refs"])}
-            for _, raw in txn.cursor(db=self.db["pending"]):  # logged, not yet applied
-                for i in range(0, len(raw), 32):
-                    actual[raw[i:i + 32]] = actual.get(raw[i:i + 32], 0) + 1
-            zero = {k for k, _ in txn.cursor(db=self.db["zero"]) if not actual.get(k)}
-            meta_objects = self._meta_int(txn, b"objects")
-            meta_bytes = self._meta_int(txn, b"stored_bytes")
-            node_bases = [json.loads(v).get("base") for _, v in txn.cursor(db=self.db["nodes"])]
-        drift = [o for o in present if actual.get(o, -1) != expected.get(o, 0)]
-        for oid in drift:
-            findings.append(f"refcount drift on {oid.hex()}: stored {actual.get(oid)}, "
-                            f"counted {expected.get(oid, 0)}")
-        bad_zero = {o for o in present if expected.get(o, 0) == 0} ^ zero
-        for oid in bad_zero:
-            findings.append(f"sweep list out of step for {oid.hex()}")
-        if (meta_objects, meta_bytes) != (len(present), nbytes):
-            findings.append(f"store counters drift: objects {meta_objects} vs {len(present)}, "
-                            f"bytes {meta_bytes} vs {nbytes}")
+        actual = {k: _U64.unpack(v)[0] for k, v in txn.cursor(db=self.db["refs"])}
+        for _, raw in txn.cursor(db=self.db["pending"]):  # logged, not yet applied
+            for i in range(0, len(raw), 32):
+                actual[raw[i:i + 32]] = actual.get(raw[i:i + 32], 0) + 1
+        queued = {k for k, _ in txn.cursor(db=self.db["zero"])}
+        for oid in present:
+            want, have = expected.get(oid, 0), actual.get(oid, 0)
+            if want != have:
+                findings.append(f"refcount drift on {oid.hex()}: stored {have}, counted {want}")
+            if want == 0 and oid not in queued:
+                findings.append(f"orphan object {oid.hex()}: unreferenced, not queued for GC")
+            if want and oid in queued and have == 0:
+                findings.append(f"object {oid.hex()} is referenced {want} times but queued "
+                                "for GC")
+        meta = (self._meta_int(txn, b"objects"), self._meta_int(txn, b"stored_bytes"))
+        if meta != (len(present), nbytes):
+            findings.append(f"store counters drift: objects {meta[0]} vs {len(present)}, "
+                            f"bytes {meta[1]} vs {nbytes}")
         pins: dict[str, int] = {}
-        for base in node_bases:
+        for _, v in txn.cursor(db=self.db["nodes"]):
+            base = json.loads(v).get("base")
             pins[base] = pins.get(base, 0) + 1
-        for rec in self.snapshots(include_unlisted=True):
+        for rec in snaps:
             if rec.pins != pins.get(rec.id, 0):
                 findings.append(f"snapshot {rec.id}: {rec.pins} pins recorded, "
                                 f"{pins.get(rec.id, 0)} live nodes")
         if repair and findings:
-            self._repair(expected, present, nbytes, pins)
+            self._repair(txn, expected, present, nbytes, pins, snaps)
         return findings
 
-    def _repair(self, expected: dict[bytes, int], present: set[bytes], nbytes: int,
-                pins: dict[str, int]) -> None:
-        def fn(txn: lmdb.Transaction) -> None:
-            gen = self._meta_int(txn, b"gen")
-            txn.drop(self.db["refs"], delete=False)
-            txn.drop(self.db["zero"], delete=False)
-            txn.drop(self.db["pending"], delete=False)
-            for oid in present:
-                count = expected.get(oid, 0)
-                txn.put(oid, _U64.pack(count), db=self.db["refs"])
-                if count == 0:
-                    txn.put(oid, _U64.pack(gen), db=self.db["zero"])
-            self._set_meta_int(txn, b"objects", len(present))
-            self._set_meta_int(txn, b"stored_bytes", nbytes)
-            for key, raw in list(txn.cursor(db=self.db["snapshots"])):
-                rec = SnapshotRecord.decode(key, raw)
-                rec.pins = pins.get(rec.id, 0)
-                if rec.refs == 0 and rec.pins == 0:
-                    txn.delete(key, db=self.db["snapshots"])
-                    txn.put(key, _U64.pack(max(0, expected.get(key, 1) - 1)),
-                            db=self.db["refs"])
-                    if expected.get(key, 1) - 1 <= 0:
-                        txn.put(key, _U64.pack(gen), db=self.db["zero"])
-                else:
-                    txn.put(key, rec.encode(), db=self.db["snapshots"])
-
-        self.write(fn, "fsck repair")
+    def _repair(self, txn: lmdb.Transaction, expected: dict[bytes, int], present: set[bytes],
+                nbytes: int, pins: dict[str, int], snaps: list[SnapshotRecord]) -> None:
+        gen = self._meta_int(txn, b"gen")
+        for rec in snaps:
+            rec.pins = pins.get(rec.id, 0)
+            if rec.refs == 0 and rec.pins == 0:
+                txn.delete(rec.root, db=self.db["snapshots"])
+                expected[rec.root] -= 1
+            else:
+                txn.put(rec.root, rec.encode(), db=self.db["snapshots"])
+        for name in ("refs", "zero", "pending"):
+            txn.drop(self.db[name], delete=False)
+        for oid in present:
+            count = expected.get(oid, 0)
+            txn.put(oid, _U64.pack(count), db=self.db["refs"])
+            if count == 0:
+                txn.put(oid, _U64.pack(gen), db=self.db["zero"])
+        self._set_meta_int(txn, b"objects", len(present))
+        self._set_meta_int(txn, b"stored_bytes", nbytes)
 
 
 class Writer:
