@@ -9,7 +9,9 @@ directory (used at session start and end).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -84,21 +86,39 @@ class Daemon:
         self.log = self.store.parent / f"{self.store.name}-daemon.log"
 
     def start(self, timeout: float = 30.0) -> Daemon:
+        """Start and wait for the daemon's own ready signal (sent once nodes are re-attached)."""
         self.mnt.mkdir(parents=True, exist_ok=True)
+        r, w = os.pipe()
         logf = open(self.log, "ab")  # noqa: SIM115 - owned by the child for its lifetime
         self.proc = subprocess.Popen(
-            oppiefs_cmd("mount", "-f", "--store", str(self.store), str(self.mnt), *self.extra),
-            stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, cwd=ROOT)
+            oppiefs_cmd("mount", "-f", "--notify-fd", str(w), "--store", str(self.store),
+                        str(self.mnt), *self.extra),
+            stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, cwd=ROOT, pass_fds=(w,))
         logf.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise DaemonDied(f"daemon exited with {self.proc.returncode}:\n{self.log_text()}")
-            if is_live_mount(self.mnt) and (self.mnt / "ctl").exists():
-                return self
-            time.sleep(0.02)
+        os.close(w)
+        self.problems = ""
+        try:
+            deadline = time.monotonic() + timeout
+            data = b""
+            while time.monotonic() < deadline and not data.endswith(b"\n"):
+                ready, _, _ = select.select([r], [], [], 0.1)
+                if ready:
+                    chunk = os.read(r, 4096)
+                    if not chunk:
+                        break
+                    data += chunk
+        finally:
+            os.close(r)
+        if data.startswith(b"ok") and is_live_mount(self.mnt):
+            self.problems = data[2:].decode().strip()
+            return self
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)  # the ready pipe closed: the daemon is on its way out
+        died = self.proc.poll() is not None
         self.stop()
-        raise DaemonDied(f"daemon not mounted after {timeout}s:\n{self.log_text()}")
+        if died:
+            raise DaemonDied(f"daemon exited with {self.proc.returncode}:\n{self.log_text()}")
+        raise DaemonDied(f"daemon not ready after {timeout}s:\n{self.log_text()}")
 
     def log_text(self) -> str:
         try:
