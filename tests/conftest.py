@@ -20,11 +20,11 @@ from tests.mountutil import Daemon, sweep_mounts  # noqa: E402
 
 @pytest.fixture(scope="session", autouse=True)
 def _no_stale_mounts(tmp_path_factory: pytest.TempPathFactory):
-    """Lazily unmount FUSE/overlay leftovers under pytest's temp base, before and after."""
-    base = tmp_path_factory.getbasetemp().parent
-    sweep_mounts(base)
+    """Lazily unmount FUSE/overlay leftovers: dead ones under pytest's temp base before the
+    session (live ones may belong to a concurrent session), all of this session's after."""
+    sweep_mounts(tmp_path_factory.getbasetemp().parent, only_dead=True)
     yield
-    sweep_mounts(base)
+    sweep_mounts(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture

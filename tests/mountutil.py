@@ -51,12 +51,30 @@ def lazy_umount(path: str) -> None:
     subprocess.run(["umount", "-l", path], capture_output=True)
 
 
-def sweep_mounts(prefix: str | Path) -> list[str]:
+def sweep_mounts(prefix: str | Path, *, only_dead: bool = False) -> list[str]:
+    """Lazily unmount FUSE/overlay mounts at or below ``prefix``.
+
+    ``only_dead``: leave live mounts alone (another test session may be using them) and
+    take only FUSE mounts whose daemon is gone plus overlays whose lower is not served.
+    """
     gone = []
-    for mp, _ in mounts_under(prefix):
+    for mp, fstype in mounts_under(prefix):
+        if only_dead and _alive(mp, fstype):
+            continue
         lazy_umount(mp)
         gone.append(mp)
     return gone
+
+
+def _alive(mp: str, fstype: str) -> bool:
+    try:
+        if fstype == "overlay":
+            os.listdir(mp)  # reads the lower: fails when its FUSE daemon is gone
+        else:
+            os.statvfs(mp)
+    except OSError:
+        return False
+    return True
 
 
 def is_live_mount(path: Path) -> bool:
