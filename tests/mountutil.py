@@ -105,7 +105,8 @@ class Daemon:
 
     def start(self, timeout: float = 30.0) -> Daemon:
         """Start and wait for the daemon's own ready signal (sent once nodes are re-attached)."""
-        self.mnt.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):  # a dead mount there answers ENOTCONN: the daemon
+            self.mnt.mkdir(parents=True, exist_ok=True)  # itself must clean that up
         r, w = os.pipe()
         logf = open(self.log, "ab")  # noqa: SIM115 - owned by the child for its lifetime
         self.proc = subprocess.Popen(

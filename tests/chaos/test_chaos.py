@@ -52,7 +52,8 @@ class Model:
     content: dict[str, Content] = field(default_factory=dict)
     uncertain_snaps: set[str] = field(default_factory=set)
     nodes: dict[str, Content] = field(default_factory=dict)
-    uncertain_nodes: set[str] = field(default_factory=set)
+    uncertain_nodes: set[str] = field(default_factory=set)  # content: an edit was cut short
+    maybe_dropped: set[str] = field(default_factory=set)  # a drop was cut short
     acked_commits: int = 0
 
     def live(self) -> list[str]:
@@ -99,10 +100,10 @@ class Workload(threading.Thread):
             m.acked_commits += 1
         elif op == "drop" and m.nodes:
             nid = rng.choice(sorted(m.nodes))
-            m.uncertain_nodes.add(nid)
+            m.maybe_dropped.add(nid)
             c.drop(nid)
             del m.nodes[nid]
-            m.uncertain_nodes.discard(nid)
+            m.maybe_dropped.discard(nid)
         elif op == "prune" and len(live) > 1:
             snap = rng.choice(live)
             m.uncertain_snaps.add(snap)
@@ -145,7 +146,12 @@ def verify(d: Daemon, model: Model) -> None:
         if snap in model.content and model.refs[snap] > 0:
             assert got == model.content[snap], f"snapshot {snap} differs from what was committed"
     nodes = set(os.listdir(d.mnt / "nodes"))
-    for nid, content in model.nodes.items():
+    for nid, content in list(model.nodes.items()):
+        if nid in model.maybe_dropped:
+            if nid not in nodes:
+                del model.nodes[nid]  # the drop did happen
+            model.maybe_dropped.discard(nid)
+            continue
         assert nid in nodes, f"acknowledged node {nid} was lost"
         if nid not in model.uncertain_nodes:
             assert read_tree(d.mnt / "nodes" / nid) == content, f"node {nid} lost changes"
