@@ -1,0 +1,300 @@
+"""Node lifecycle: the node path, busy drops, lineage, client errors, prune under a live
+node and GC, and nodes outliving an unmount or a ``kill -9`` of the daemon."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from oppiefs.client import Client
+from oppiefs.errors import Busy, InvalidArgument, NotFound, NotMounted, OppieError
+from tests.cliutil import OPPIEFS, Cli
+from tests.mountutil import Daemon, mounts_under
+from tests.nodeutil import fsck_clean, node_dirs, wait_for
+from tests.treeutil import assert_same_meta, assert_same_tree, det_bytes, tree_meta
+
+
+def make_src(root: Path, seed: str = "src", big: int = 0) -> Path:
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / "top.txt").write_text(f"top {seed}\n")
+    (root / "sub" / "mid.bin").write_bytes(det_bytes(50_000, seed))
+    (root / "sub" / "deeper" / "leaf").write_text("leaf\n")
+    os.symlink("sub/mid.bin", root / "link")
+    if big:
+        (root / "big.bin").write_bytes(det_bytes(big, seed + "-big"))
+    return root
+
+
+def edit(merged: Path, tag: str) -> None:
+    """A bit of everything a commit must carry: new, changed, deleted, moved, chmod, link."""
+    (merged / f"new-{tag}").write_text(f"new {tag}\n")
+    with open(merged / "top.txt", "a") as f:
+        f.write(f"appended {tag}\n")
+    if (merged / "sub" / "deeper" / "leaf").exists():
+        os.unlink(merged / "sub" / "deeper" / "leaf")
+    (merged / f"dir-{tag}").mkdir()
+    os.symlink("../top.txt", merged / f"dir-{tag}" / "up")
+    os.chmod(merged / "sub" / "mid.bin", 0o600)
+
+
+def stored_bytes(store: Path) -> int:
+    return Cli(store)("stats", "--json").json()["stored_bytes"]
+
+
+@pytest.fixture(scope="module")
+def shared(mdaemon, tmp_path_factory: pytest.TempPathFactory):
+    src = make_src(tmp_path_factory.mktemp("lifecycle") / "src")
+    with Client(mdaemon.mnt) as c:
+        yield c, c.import_(src), src
+
+
+def test_node_path_leads_to_merged_dir(mdaemon, shared):
+    c, snap, src = shared
+    node = c.fork(snap)
+    merged = mdaemon.store / "nodes" / node.id / "merged"
+    try:
+        assert node.path == str(mdaemon.mnt / "nodes" / node.id)
+        assert node.snapshot == snap
+        assert os.readlink(node.path) == str(merged)
+        assert node.id in os.listdir(mdaemon.mnt / "nodes")
+        assert os.path.ismount(merged)
+        assert os.path.realpath(node.path) == str(merged)
+        assert_same_tree(src, node.path)
+        (Path(node.path) / "through-link").write_text("x\n")
+        assert (mdaemon.store / "nodes" / node.id / "upper" / "through-link").read_text() == "x\n"
+        assert not (mdaemon.mnt / "snapshots" / snap / "through-link").exists()
+    finally:
+        c.drop(node)
+    assert node.id not in os.listdir(mdaemon.mnt / "nodes")
+    assert not merged.exists()
+    assert node.id not in node_dirs(mdaemon.store)
+
+
+def test_drop_of_busy_node(mdaemon, shared):
+    """EBUSY while a process works inside the node; --force detaches it lazily."""
+    c, snap, _ = shared
+    node = c.fork(snap)
+    before = c.status()["nodes"]
+    proc = subprocess.Popen(["sleep", "300"], cwd=node.path)
+    try:
+        wait_for(lambda: os.readlink(f"/proc/{proc.pid}/cwd").endswith("/merged"),
+                 what="sleep to enter the node")
+        with pytest.raises(Busy) as exc:
+            c.drop(node)
+        assert exc.value.errno == errno.EBUSY
+        res = subprocess.run([*OPPIEFS, "drop", "--mount", str(mdaemon.mnt), node.id],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == Busy.exit_code, res
+        assert "busy" in res.stderr and "Traceback" not in res.stderr
+        # The failed drops changed nothing: the node is listed, counted and writable.
+        assert c.status()["nodes"] == before
+        assert node.id in os.listdir(mdaemon.mnt / "nodes")
+        (Path(node.path) / "still-writable").write_text("yes\n")
+        c.drop(node, force=True)
+        assert c.status()["nodes"] == before - 1
+        assert node.id not in os.listdir(mdaemon.mnt / "nodes")
+        assert proc.poll() is None  # the process keeps its (detached) working directory
+        with pytest.raises(NotFound):
+            c.drop(node)
+    finally:
+        proc.kill()
+        proc.wait()
+    fsck_clean(mdaemon.store)
+
+
+def test_log_prints_lineage(mdaemon, shared):
+    c, s0, _ = shared
+    n1 = c.fork(s0)
+    edit(Path(n1.path), "one")
+    s1 = c.commit(n1)
+    (Path(n1.path) / "more").write_text("more\n")
+    s2 = c.commit(n1)
+    n2 = c.fork(s2)
+    edit(Path(n2.path), "two")
+    s3 = c.commit(n2)
+    cli = Cli(mdaemon.store)
+    try:
+        chain = cli("log", s3[:12], "--json").json()
+        assert [x["snapshot"] for x in chain] == [s3, s2, s1, s0]
+        assert [x["parent"] for x in chain] == [s2, s1, s0, None]
+        assert all(x["listed"] for x in chain)
+        text = cli("log", s3).out.splitlines()
+        assert [line.split()[0] for line in text] == [s3, s2, s1, s0]
+        # Pruned but pinned by n2: still in the chain, marked.
+        c.prune(s2)
+        chain = cli("log", s3, "--json").json()
+        assert [x["snapshot"] for x in chain] == [s3, s2, s1, s0]
+        assert chain[1]["listed"] is False
+        assert "(pruned)" in cli("log", s3).out.splitlines()[1]
+        # Once nothing holds it, the chain ends there, saying so.
+        c.drop(n2)
+        chain = cli("log", s3, "--json").json()
+        assert chain == [chain[0], {"snapshot": s2, "pruned": True}]
+        assert "data freed" in cli("log", s3).out
+        res = cli("log", "0" * 64, expect=NotFound.exit_code)
+        assert "no snapshot" in res.err
+    finally:
+        c.drop(n1)
+        for s in (s1, s3):
+            c.prune(s)
+
+
+def test_client_raises_typed_errors(mdaemon, shared):
+    c, snap, _ = shared
+    cases = [
+        (lambda: c.fork("0" * 64), NotFound, errno.ENOENT),
+        (lambda: c.fork("deadbeef"), NotFound, errno.ENOENT),
+        (lambda: c.prune("0" * 64), NotFound, errno.ENOENT),
+        (lambda: c.commit("nosuchnode"), NotFound, errno.ENOENT),
+        (lambda: c.drop("nosuchnode"), NotFound, errno.ENOENT),
+        (lambda: c.import_("/nonexistent/oppiefs"), NotFound, errno.ENOENT),
+        (lambda: c.fork("XYZ"), InvalidArgument, errno.EINVAL),
+        (lambda: c.fork(snap.upper()), InvalidArgument, errno.EINVAL),
+        (lambda: c.commit("../etc"), InvalidArgument, errno.EINVAL),
+        (lambda: c.drop("a/b"), InvalidArgument, errno.EINVAL),
+        (lambda: c.import_("relative"), InvalidArgument, errno.EINVAL),
+        (lambda: c.call("frobnicate"), InvalidArgument, errno.EINVAL),
+    ]
+    for fn, cls, code in cases:
+        with pytest.raises(cls) as exc:
+            fn()
+        assert isinstance(exc.value, OppieError)
+        assert exc.value.errno == code and exc.value.message
+    with pytest.raises(OppieError):
+        c.call("status\nfork", snap)  # refused before anything is sent
+    assert c.status()["snapshots"] >= 1  # the handle is still in step
+    with pytest.raises(NotMounted):
+        Client(mdaemon.mnt / "snapshots").status()
+
+
+def test_pruned_snapshot_with_live_node(mdaemon, tmp_path):
+    """Prune hides the snapshot at once, the node keeps working, drop lets GC free it."""
+    with Client(mdaemon.mnt) as c:
+        Cli(mdaemon.store)("gc")
+        baseline = stored_bytes(mdaemon.store)
+        src = make_src(tmp_path / "src", seed="pruned", big=3 << 20)
+        snap = c.import_(src)
+        grown = stored_bytes(mdaemon.store)
+        assert grown > baseline + (3 << 20)
+        node = c.fork(snap)
+        c.prune(snap)
+        assert snap not in os.listdir(mdaemon.mnt / "snapshots")
+        with pytest.raises(NotFound):
+            c.fork(snap)
+        with pytest.raises(NotFound):
+            c.prune(snap)
+        # The node still reads every byte and takes writes and commits.
+        assert_same_tree(src, node.path)
+        edit(Path(node.path), "after-prune")
+        meta = tree_meta(node.path)
+        child = c.commit(node)
+        assert_same_meta(meta, tree_meta(mdaemon.mnt / "snapshots" / child))
+        assert Cli(mdaemon.store)("log", child, "--json").json()[1]["snapshot"] == snap
+        c.prune(child)
+        Cli(mdaemon.store)("gc")
+        assert stored_bytes(mdaemon.store) >= grown  # pinned by the node: nothing freed
+        assert_same_tree(src, mdaemon.mnt / "snapshots" / snap)  # reachable by full id
+        c.drop(node)
+        # The daemon's sweeper frees it (the drop asks for a sweep).
+        wait_for(lambda: stored_bytes(mdaemon.store) == baseline, timeout=60,
+                 what=f"stored bytes back to {baseline}")
+        with pytest.raises(FileNotFoundError):
+            os.stat(mdaemon.mnt / "snapshots" / snap)
+    fsck_clean(mdaemon.store)
+
+
+# -- surviving the daemon -------------------------------------------------------------------
+
+
+def _prepare_nodes(d: Daemon, src: Path) -> tuple[list[str], dict[str, dict], str, str]:
+    """Two edited nodes, one of them on a pruned snapshot, and one acknowledged commit."""
+    with Client(d.mnt) as c:
+        s0 = c.import_(src)
+        other = c.import_(make_src(src.parent / "other", seed="other"))
+        a = c.fork(s0)
+        edit(Path(a.path), "a")
+        committed = c.commit(a)
+        (Path(a.path) / "after-commit").write_bytes(det_bytes(200_000, "after"))
+        b = c.fork(other)
+        edit(Path(b.path), "b")
+        shutil.rmtree(Path(b.path) / "sub")  # a whole lower dir gone: whiteout in upper
+        (Path(b.path) / "sub").mkdir()  # and back, opaque
+        c.prune(other)
+        metas = {n.id: tree_meta(n.path, owners=True) for n in (a, b)}
+        return [a.id, b.id], metas, committed, other
+
+
+def _check_nodes(d: Daemon, nodes: list[str], metas: dict[str, dict], committed: str,
+                 committed_meta: dict) -> None:
+    assert sorted(os.listdir(d.mnt / "nodes")) == sorted(nodes)
+    assert sorted(os.listdir(d.store / "nodes")) == sorted(nodes)
+    with Client(d.mnt) as c:
+        assert c.status()["nodes"] == len(nodes)
+        for n in nodes:
+            path = d.mnt / "nodes" / n
+            assert_same_meta(metas[n], tree_meta(path, owners=True), f"node {n} re-attached")
+            (path / "written-after-restart").write_text("ok\n")
+            s = c.commit(n)
+            assert (d.mnt / "snapshots" / s / "written-after-restart").read_text() == "ok\n"
+            c.prune(s)
+        assert_same_meta(committed_meta, tree_meta(d.mnt / "snapshots" / committed, owners=True),
+                         "acknowledged commit")
+        for n in nodes:
+            c.drop(n)
+    assert node_dirs(d.store) == []
+    fsck_clean(d.store)
+
+
+def test_nodes_survive_unmount_and_remount(tmp_path):
+    src = make_src(tmp_path / "src")
+    d = Daemon(tmp_path / "mnt", tmp_path / "store").start()
+    d2: Daemon | None = None
+    try:
+        nodes, metas, committed, _ = _prepare_nodes(d, src)
+        committed_meta = tree_meta(d.mnt / "snapshots" / committed, owners=True)
+        res = subprocess.run([*OPPIEFS, "umount", str(d.mnt)], capture_output=True, text=True,
+                             timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert d.proc is not None and d.proc.wait(30) == 0
+        assert mounts_under(tmp_path) == []
+        for n in nodes:  # the upper dirs stay on disk while nothing is mounted
+            assert os.listdir(d.store / "nodes" / n / "upper")
+        d2 = Daemon(d.mnt, d.store).start()  # returns once the daemon reports nodes re-attached
+        _check_nodes(d2, nodes, metas, committed, committed_meta)
+    finally:
+        if d2 is not None:
+            d2.stop()
+        d.stop()
+    assert mounts_under(tmp_path) == []
+
+
+def test_nodes_survive_kill_9(tmp_path):
+    """After a crash, ``oppiefs mount`` (background) returns only once nodes are back."""
+    src = make_src(tmp_path / "src")
+    d = Daemon(tmp_path / "mnt", tmp_path / "store").start()
+    remounted = False
+    try:
+        nodes, metas, committed, _ = _prepare_nodes(d, src)
+        committed_meta = tree_meta(d.mnt / "snapshots" / committed, owners=True)
+        d.kill()
+        with pytest.raises(OSError) as exc:
+            os.listdir(d.mnt)
+        assert exc.value.errno == errno.ENOTCONN
+        res = subprocess.run([*OPPIEFS, "mount", str(d.mnt), "--store", str(d.store)],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        remounted = True
+        # Stale overlays on the dead mount were replaced, not stacked.
+        overlays = [mp for mp, fs in mounts_under(tmp_path) if fs == "overlay"]
+        assert sorted(overlays) == sorted(str(d.store / "nodes" / n / "merged") for n in nodes)
+        _check_nodes(d, nodes, metas, committed, committed_meta)
+    finally:
+        if remounted:
+            subprocess.run([*OPPIEFS, "umount", str(d.mnt)], capture_output=True, timeout=60)
+        d.stop()
+    assert mounts_under(tmp_path) == []
