@@ -28,7 +28,7 @@ import trio
 from . import overlay, tree
 from .control import Control
 from .errors import Busy, InvalidArgument, NotFound, NotMounted, OppieError
-from .fs import Operations
+from .fs import Operations, serve_requests
 from .state import StateManager
 from .vfs import SNAPSHOTS_INO, Vfs
 
@@ -147,7 +147,7 @@ async def _run(state: StateManager, notify_fd: int | None) -> None:
         nursery.start_soon(_watch_signals, nursery.cancel_scope)
 
         async def fuse_main() -> None:
-            await pyfuse3.main()
+            await serve_requests()
             nursery.cancel_scope.cancel()  # unmounted from outside
 
         nursery.start_soon(fuse_main)
