@@ -179,8 +179,12 @@ def test_overlong_line_over_many_writes(mdaemon, env):
 
 
 def test_whitespace_is_tolerated(mdaemon, env):
-    s, snap, _, _ = env
+    s, snap, _, work = env
     assert s.call("  status  ")["ok"] is True
+    # import takes the rest of the line: a path with a space is one path.
+    empty = s.call(f"import {work / 'dir with space'}")
+    assert empty["ok"] is True and empty["files"] == 0
+    assert s.call(f"prune {empty['snapshot']}")["ok"] is True
     child = s.call(f"fork\t{snap}")
     assert child["ok"] is True
     assert s.call(f"drop   {child['node']} ") == {"ok": True, "node": child["node"]}
