@@ -14,6 +14,7 @@ OppieError subclass named by the reply's errno (NotFound for ENOENT, ...).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -33,6 +34,8 @@ class Client:
         self.mountpoint = os.path.abspath(mountpoint)
         self.ctl = os.path.join(self.mountpoint, "ctl")
         self._local = threading.local()
+        self._lock = threading.Lock()
+        self._fds: set[int] = set()
 
     def _fd(self) -> int:
         fd = getattr(self._local, "fd", None)
@@ -41,13 +44,27 @@ class Client:
                 fd = self._local.fd = os.open(self.ctl, os.O_RDWR | os.O_CLOEXEC)
             except OSError as exc:
                 raise NotMounted(f"cannot open {self.ctl}: {exc.strerror}") from exc
+            with self._lock:
+                self._fds.add(fd)
         return fd
 
-    def close(self) -> None:
+    def _forget_fd(self) -> None:
+        """Close this thread's handle (after an error: the session may be out of step)."""
         fd = getattr(self._local, "fd", None)
         if fd is not None:
             self._local.fd = None
+            with self._lock:
+                self._fds.discard(fd)
             os.close(fd)
+
+    def close(self) -> None:
+        """Close every thread's handle; a thread that calls again gets a new session."""
+        with self._lock:
+            fds, self._fds = self._fds, set()
+        self._local = threading.local()
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def call(self, *words: str) -> dict[str, Any]:
         """Send one command, return its reply; raise the matching OppieError on failure."""
@@ -64,7 +81,7 @@ class Client:
                     raise NotMounted("control file closed without a reply")
                 buf += chunk
         except OSError as exc:
-            self.close()
+            self._forget_fd()
             raise NotMounted(f"control file {self.ctl}: {exc.strerror}") from exc
         reply = json.loads(buf)
         if not reply.get("ok"):

@@ -22,7 +22,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .errors import InvalidArgument, OppieError
+from .errors import Busy, InvalidArgument, OppieError
 
 if TYPE_CHECKING:
     from .state import StateManager
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("oppiefs.control")
 
 MAX_LINE = 4096
+READY_TIMEOUT = 120.0
 # What ``Session.feed`` hands on for an overlong line: longer than any real line can be, so
 # it cannot be mistaken for one (a line that is just a NUL byte is a different error).
 OVERLONG = b"\0" * (MAX_LINE + 1)
@@ -141,9 +142,15 @@ class Control:
         return fn, args
 
     def execute(self, line: bytes) -> dict[str, Any]:
-        """Run one command line; never raises (errors become error replies)."""
+        """Run one command line; never raises (errors become error replies).
+
+        Commands wait until the daemon has re-attached its nodes after a (re)start, so a
+        client racing the start cannot, say, drop a node that is being re-attached.
+        """
         try:
             fn, args = self.parse(line)
+            if not self.state.ready.wait(READY_TIMEOUT):
+                raise Busy("the daemon is still re-attaching nodes; try again")
             reply = fn(*args)
         except OppieError as exc:
             return error_reply(exc)

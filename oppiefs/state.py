@@ -52,6 +52,8 @@ class StateManager:
         self._node_locks: dict[str, threading.Lock] = {}
         self._links: dict[str, str] = {}
         self.gc_wanted = threading.Event()
+        # Set once recover() has re-attached the nodes; commands wait for it (control.py).
+        self.ready = threading.Event()
         # Called with a snapshot id when it leaves the listing (the mount drops its dentry).
         self.on_released: Callable[[str], None] = lambda snapshot_id: None
 
@@ -212,6 +214,7 @@ class StateManager:
                 log.info("swept stale node dir %s", d)
         for p in problems:
             log.warning("%s", p)
+        self.ready.set()
         return problems
 
     def detach_all(self) -> None:
