@@ -263,7 +263,7 @@ class Store:
 
     def exists(self, oid: bytes) -> bool:
         with self.env.begin() as txn:
-            return txn.get(oid, db=self.db["objects"]) is not None
+            return txn.get(oid, db=self.db["refs"]) is not None
 
     def refcount(self, oid: bytes) -> int:
         """Current count, including increments logged but not yet applied."""
@@ -344,7 +344,8 @@ class Store:
                     gen: int, children: Iterable[bytes] | None = None) -> None:
         """Write one object (or touch an existing unreferenced one so GC spares it)."""
         objects = self.db["objects"]
-        if txn.get(oid, db=objects) is not None:
+        # Existence via the 8-byte count, not the object: a dedup hit never faults in data.
+        if txn.get(oid, db=self.db["refs"]) is not None:
             if txn.get(oid, db=self.db["zero"]) is not None:
                 txn.put(oid, _U64.pack(gen), db=self.db["zero"])
             return
