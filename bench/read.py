@@ -22,8 +22,8 @@ Goals (the "Mount" issue): warm tar <= 2.5x native on the kernel tree, warm larg
 when the kernel forgets.
 
 Trees: a generated one (2,000 files, 50 MB, fixed seed) and Debian's linux-source-6.1, both
-cached under --work with bench/import.py's layout (the kernel tree is unpacked from /usr/src
-once, skipped with a message if the tarball is absent). Needs root (drop_caches, FUSE).
+made once under --work by bench/corpus.py (the kernel tree is unpacked from /usr/src, and
+skipped with a message if the tarball is absent). Needs root (drop_caches, FUSE).
 
     .venv/bin/python bench/read.py                    # both trees; bench/out/read.json
     .venv/bin/python bench/read.py --only generated --runs 3
@@ -47,45 +47,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.corpus import WORK, generated_tree, linux_tree  # noqa: E402
 from oppiefs.client import Client  # noqa: E402
-from tests.treeutil import make_sized_tree  # noqa: E402
 
-LINUX_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
 PY = sys.executable
 TAR = "tar -cf - . | wc -c"
 FIND = "find . -ls | wc -l"
 GOALS = {"tar": 2.5, "find": 2.0, "big": 1.1, "bytes_per_inode": 300}
 
 
-# -- trees (same cache layout as bench/import.py) ---------------------------------------------
-
-
-def generated_tree(work: Path) -> Path:
-    root = work / "generated-2000x50MB-seed0"
-    stamp = work / "generated-2000x50MB-seed0.done"
-    if not stamp.exists():
-        shutil.rmtree(root, ignore_errors=True)
-        make_sized_tree(root, files=2000, total_bytes=50_000_000, seed=0)
-        stamp.touch()
-    return root
-
-
-def linux_tree(work: Path) -> Path | None:
-    root = work / "linux-source-6.1"
-    if root.is_dir():
-        return root
-    if not LINUX_TARBALL.exists():
-        print(f"skipping the kernel tree: {LINUX_TARBALL} is not installed "
-              "(apt-get install linux-source-6.1)", file=sys.stderr)
-        return None
-    print(f"unpacking {LINUX_TARBALL} into {work} (once) ...", file=sys.stderr)
-    tmp = work / ".unpack"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    subprocess.run(["tar", "-xJf", str(LINUX_TARBALL), "-C", str(tmp)], check=True)
-    (tmp / "linux-source-6.1").rename(root)
-    tmp.rmdir()
-    return root
+# -- trees ------------------------------------------------------------------------------------
 
 
 def big_file_dir(work: Path, mb: int) -> Path:
@@ -432,7 +403,7 @@ def table(doc: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", type=Path, default=Path("/var/tmp/oppiefs-bench"),
+    ap.add_argument("--work", type=Path, default=WORK,
                     help="cache and scratch dir (source trees, store and mounts)")
     ap.add_argument("--runs", type=int, default=5, help="warm runs per measure (median)")
     ap.add_argument("--big-mb", type=int, default=256)

@@ -20,7 +20,8 @@ requests so other tasks still run). Hot handlers translate errors inline (``_err
 rather than through a wrapping coroutine, ``open``/``opendir`` resolve nothing (the kernel
 only sends them for inodes it looked up, of the right kind), and reads return zero-copy
 views of cached chunks. When the kernel forgets most of the inode table, the table is
-rebuilt and ``malloc_trim`` hands the freed heap back to the OS.
+rebuilt, caches are dropped, ``malloc_trim`` hands the freed heap back to the OS and the
+store's mapped pages are let go (so RSS and drop_caches see them as plain page cache).
 """
 
 from __future__ import annotations
@@ -323,6 +324,7 @@ class Operations(pyfuse3.Operations):
         if self.vfs.forgotten():
             self._chunk.cache_clear()
             trim_heap()
+            self.vfs.store.unmap_cached()
 
     # -- directories ----------------------------------------------------------------------
 

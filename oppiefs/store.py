@@ -66,6 +66,7 @@ _DBS = ("objects", "refs", "zero", "pending", "snapshots", "nodes", "sessions", 
 _WILLNEED_MIN = 16 * 1024
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _MADV_WILLNEED = 3
+_MADV_DONTNEED = 4
 
 
 class _PyBuffer(ctypes.Structure):
@@ -260,6 +261,24 @@ class Store:
 
     def get_payload(self, oid: bytes) -> bytes:
         return self.get(oid)[1]
+
+    def unmap_cached(self) -> None:
+        """Drop this process's mappings of the store file (the data stays in page cache).
+
+        Pages read through the map stay mapped, so they count in the process's RSS and
+        ``drop_caches`` cannot evict them; after the kernel forgot most of what it read, the
+        daemon lets go of them too. Safe under live readers: the map is read-only, a later
+        access faults the page back in.
+        """
+        if _madvise is None:
+            return
+        target = str(self.path.resolve() / "data.mdb")
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].rstrip("\n") == target:
+                    lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                    _madvise(lo, hi - lo, _MADV_DONTNEED)
 
     def exists(self, oid: bytes) -> bool:
         with self.env.begin() as txn:
