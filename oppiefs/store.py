@@ -34,6 +34,7 @@ and is injected as ``children_of`` so this module knows nothing about tree layou
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -57,6 +58,7 @@ KIND_TREE = b"T"
 KINDS = (KIND_CHUNK, KIND_LIST, KIND_TREE)
 
 ChildrenOf = Callable[[bytes, bytes], Iterable[bytes]]
+Batch = dict[bytes, tuple[bytes, bytes, "Iterable[bytes] | None"]]  # oid -> kind, payload, refs
 
 _U64 = struct.Struct("<Q")
 _INITIAL_MAP = 1 << 40  # address space only: LMDB files grow with use, not with map size
@@ -359,23 +361,43 @@ class Store:
         if count == 1:
             txn.put(oid, _U64.pack(self._meta_int(txn, b"gen")), db=self.db["zero"])
 
-    def _put_object(self, txn: lmdb.Transaction, oid: bytes, kind: bytes, payload: bytes,
-                    gen: int, children: Iterable[bytes] | None = None) -> None:
-        """Write one object (or touch an existing unreferenced one so GC spares it)."""
+    def _write_batch(self, txn: lmdb.Transaction, batch: Batch, gen: int) -> None:
+        """Store a batch of objects (touching existing unreferenced ones so GC spares them).
+
+        References between objects new in this batch are counted directly (an imported file's
+        chunks and its directory arrive together); only references to objects stored before
+        go through the increment log. Existence is checked on the 8-byte count, so a dedup
+        hit never faults in object data.
+        """
+        refs, zero = self.db["refs"], self.db["zero"]
+        new: Batch = {}
+        for oid, item in batch.items():
+            if txn.get(oid, db=refs) is None:
+                new[oid] = item
+            elif txn.get(oid, db=zero) is not None:
+                txn.put(oid, _U64.pack(gen), db=zero)
+        inside: dict[bytes, int] = {}
+        outside: list[bytes] = []
+        for kind, payload, children in new.values():
+            for child in self.children_of(kind, payload) if children is None else children:
+                if child in new:
+                    inside[child] = inside.get(child, 0) + 1
+                else:
+                    outside.append(child)
+        nbytes = 0
         objects = self.db["objects"]
-        # Existence via the 8-byte count, not the object: a dedup hit never faults in data.
-        if txn.get(oid, db=self.db["refs"]) is not None:
-            if txn.get(oid, db=self.db["zero"]) is not None:
-                txn.put(oid, _U64.pack(gen), db=self.db["zero"])
-            return
-        txn.put(oid, kind + payload, db=objects)
-        txn.put(oid, _U64.pack(0), db=self.db["refs"])
-        txn.put(oid, _U64.pack(gen), db=self.db["zero"])
-        self._log_increments(txn, list(
-            self.children_of(kind, payload) if children is None else children))
-        self._set_meta_int(txn, b"objects", self._meta_int(txn, b"objects") + 1)
-        self._set_meta_int(txn, b"stored_bytes",
-                           self._meta_int(txn, b"stored_bytes") + len(payload))
+        for oid, (kind, payload, _) in new.items():
+            count = inside.get(oid, 0)
+            txn.put(oid, kind + payload, db=objects)
+            txn.put(oid, _U64.pack(count), db=refs)
+            if not count:
+                txn.put(oid, _U64.pack(gen), db=zero)
+            nbytes += len(payload)
+        self._log_increments(txn, outside)
+        if new:
+            self._set_meta_int(txn, b"objects", self._meta_int(txn, b"objects") + len(new))
+            self._set_meta_int(txn, b"stored_bytes",
+                               self._meta_int(txn, b"stored_bytes") + nbytes)
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -471,6 +493,8 @@ class Store:
         ``node`` = (name, record) also rewrites that node's record (its last commit) in the
         same transaction. A small commit is therefore exactly one LMDB commit (one fsync).
         """
+
+        writer.wait()
 
         def fn(txn: lmdb.Transaction) -> SnapshotRecord:
             writer._flush_in(txn)
@@ -710,8 +734,9 @@ class Store:
 class Writer:
     """Buffers new objects of one import/commit session and writes them in big batches.
 
-    Batching keeps the number of LMDB commits (each an fsync) small during a large import.
-    Objects must be put children-first (chunks before lists, subtrees before parents).
+    Batching keeps the number of LMDB commits (each an fsync) small during a large import,
+    and a full batch is committed by a background thread while the caller goes on reading
+    and hashing the next one (at most two batches are held in memory).
 
     The GC session is registered only when a batch is written before publishing: objects
     that reach the store in the publishing transaction itself need no protection, so a
@@ -722,9 +747,11 @@ class Writer:
         self.store = store
         self.batch_bytes = batch_bytes
         self.sid: int | None = None
-        self.pending: dict[bytes, tuple[bytes, bytes, Iterable[bytes] | None]] = {}
+        self.pending: Batch = {}
         self.pending_bytes = 0
         self.closed = False
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def put(self, kind: bytes, payload: bytes, children: Iterable[bytes] | None = None) -> bytes:
         """Queue an object; ``children`` (its references) spares decoding it again."""
@@ -737,16 +764,37 @@ class Writer:
         return oid
 
     def flush(self) -> None:
-        if self.pending:
-            if self.sid is None:
-                self.sid = self.store._begin_session()
-            self.store.write(self._flush_in, "write objects")
-            self._after_flush()
+        """Hand the pending batch to the background committer (after the previous one)."""
+        if not self.pending:
+            return
+        if self.sid is None:
+            self.sid = self.store._begin_session()
+        self.wait()
+        batch, sid = self.pending, self.sid
+        self.pending, self.pending_bytes = {}, 0
+
+        def commit() -> None:
+            try:
+                self.store.write(lambda txn: self.store._write_batch(txn, batch, sid),
+                                 "write objects")
+            except BaseException as exc:
+                self._error = exc
+
+        self._thread = threading.Thread(target=commit, name="oppiefs-batch", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Wait for the background batch; re-raise its error here, in the caller."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
 
     def _flush_in(self, txn: lmdb.Transaction) -> None:
         gen = self.sid if self.sid is not None else self.store._meta_int(txn, b"gen")
-        for oid, (kind, payload, children) in self.pending.items():
-            self.store._put_object(txn, oid, kind, payload, gen, children)
+        self.store._write_batch(txn, self.pending, gen)
 
     def _after_flush(self) -> None:
         self.pending.clear()
@@ -758,6 +806,8 @@ class Writer:
             return
         self.closed = True
         self.pending.clear()
+        with contextlib.suppress(BaseException):
+            self.wait()
         sid = self.sid
         if sid is not None:
             self.store.write(lambda txn: self.store._end_session(txn, sid), "abort session")

@@ -63,6 +63,7 @@ def test_shared_objects_survive_partial_prune(store: Store, tmp_path: Path) -> N
 def test_in_flight_session_protects_its_objects(store: Store, tmp_path: Path) -> None:
     w = store.writer(batch_bytes=1)  # every put is flushed: a registered session
     oid = w.put(KIND_CHUNK, b"in flight", ())
+    w.wait()  # the batch is committed in the background
     assert store.exists(oid)
     assert store.sweep() == (0, 0)  # unreferenced, but the session may still publish it
     w.abort()
