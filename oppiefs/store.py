@@ -227,11 +227,21 @@ class Store:
             except lmdb.MapFullError:
                 self._grow()
             except lmdb.Error as exc:
+                if "Input/output error" in str(exc) and self._device_full():
+                    # LMDB turns a write cut short by a full disk into EIO ("short write").
+                    raise NoSpace(f"{what}: no space left on the store's device") from exc
                 raise _lmdb_error(exc, what) from exc
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise NoSpace(f"{what}: no space left on the store's device") from exc
                 raise
+
+    def _device_full(self) -> bool:
+        try:
+            st = os.statvfs(self.path)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < (1 << 20)
 
     def read(self) -> lmdb.Transaction:
         return self.env.begin(buffers=False)
