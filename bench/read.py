@@ -370,7 +370,8 @@ def table(doc: dict) -> str:
             for phase in ("cold", "warm"):
                 goal = f"<= {GOALS[what]}x" if phase == "warm" and r["tree"].startswith(
                     "linux") else ""
-                rows.append(f"| {r['tree']} | {phase} `{m['command']}` | "
+                cmd = m["command"].replace("|", "\\|")
+                rows.append(f"| {r['tree']} | {phase} `{cmd}` | "
                             f"{m[phase]['native']:.2f} s | {m[phase]['snapshot']:.2f} s | "
                             f"{m['ratio'][phase]:.2f}x | {goal} |")
         q = r["requests"]

@@ -112,6 +112,7 @@ def from_oserror(exc: OSError, what: str) -> OppieError:
     mapping: dict[int, type[OppieError]] = {
         _errno.ENOENT: NotFound,
         _errno.ENOTDIR: InvalidArgument,
+        _errno.ENAMETOOLONG: InvalidArgument,
         _errno.EACCES: PermissionDenied,
         _errno.EPERM: PermissionDenied,
         _errno.ENOSPC: NoSpace,

@@ -551,9 +551,13 @@ def host_path_ok(path: str) -> Path:
     if not path or not os.path.isabs(path):
         raise InvalidArgument(f"import path must be absolute: {path!r}")
     p = Path(path)
-    if not p.exists():
+    try:
+        exists, is_dir = p.exists(), p.is_dir()
+    except OSError as exc:  # a name longer than NAME_MAX, a parent we may not search...
+        raise from_oserror(exc, f"import path {path[:200]!r}") from exc
+    if not exists:
         raise NotFound(f"{path}: no such directory")
-    if not p.is_dir():
+    if not is_dir:
         raise InvalidArgument(f"{path}: not a directory")
     return p
 
