@@ -89,10 +89,13 @@ def main() -> None:
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--skip-special", is_flag=True,
               help="Leave out FIFOs, sockets and device nodes (reported) instead of failing.")
+@click.option("--rehash", is_flag=True,
+              help="Read every file even where the files cache says it is unchanged.")
 @store_option
 @json_option
 @_guarded
-def import_cmd(path: Path, skip_special: bool, store_dir: Path | None, as_json: bool) -> None:
+def import_cmd(path: Path, skip_special: bool, rehash: bool, store_dir: Path | None,
+               as_json: bool) -> None:
     """Import a host directory as a snapshot and print its id."""
     src = Path(os.path.abspath(path))
     if not src.exists() and not src.is_symlink():
@@ -112,7 +115,8 @@ def import_cmd(path: Path, skip_special: bool, store_dir: Path | None, as_json: 
                 bar.update(nbytes)
 
         try:
-            report = tree.import_dir(store, src, skip_special=skip_special, progress=progress)
+            report = tree.import_dir(store, src, skip_special=skip_special, progress=progress,
+                                     use_cache=not rehash)
         finally:
             if bar is not None:
                 bar.close()

@@ -13,6 +13,7 @@ Named databases:
              transaction that wrote their parent, applied in bulk by the sweeper
   snapshots  root oid -> JSON record {refs, pins, parent, time, bytes, files}
   nodes      node name -> JSON record (owned by state.py, stored here for atomicity)
+  files      host path -> what an import last read there (tree.py's files cache)
   sessions   u64 session id -> JSON {pid, gen}: in-flight imports/commits
   meta       counters: gen, objects, stored_bytes
 
@@ -62,7 +63,7 @@ Batch = dict[bytes, tuple[bytes, bytes, "Iterable[bytes] | None"]]  # oid -> kin
 
 _U64 = struct.Struct("<Q")
 _INITIAL_MAP = 1 << 40  # address space only: LMDB files grow with use, not with map size
-_DBS = ("objects", "refs", "zero", "pending", "snapshots", "nodes", "sessions", "meta")
+_DBS = ("objects", "refs", "zero", "pending", "snapshots", "nodes", "sessions", "files", "meta")
 
 
 _WILLNEED_MIN = 16 * 1024
@@ -175,6 +176,10 @@ def _lmdb_error(exc: lmdb.Error, what: str) -> OppieError:
     if "MDB_CORRUPTED" in text or "MDB_PAGE_NOTFOUND" in text or "MDB_INVALID" in text:
         return Corrupt(f"{what}: LMDB reports corruption ({text})")
     return OppieError(f"{what}: {text}")
+
+
+class StaleCache(OppieError):
+    """An object named by the files cache was collected meanwhile: read the file again."""
 
 
 class Store:
@@ -292,6 +297,11 @@ class Store:
                     lo, hi = (int(x, 16) for x in fields[0].split("-"))
                     _madvise(lo, hi - lo, _MADV_DONTNEED)
 
+    def cached_files(self, keys: list[bytes]) -> list[bytes | None]:
+        """Files-cache records for these host paths (one short read transaction)."""
+        with self.env.begin() as txn:
+            return [txn.get(k, db=self.db["files"]) for k in keys]
+
     def exists(self, oid: bytes) -> bool:
         with self.env.begin() as txn:
             return txn.get(oid, db=self.db["refs"]) is not None
@@ -371,7 +381,9 @@ class Store:
         if count == 1:
             txn.put(oid, _U64.pack(self._meta_int(txn, b"gen")), db=self.db["zero"])
 
-    def _write_batch(self, txn: lmdb.Transaction, batch: Batch, gen: int) -> None:
+    def _write_batch(self, txn: lmdb.Transaction, batch: Batch, gen: int,
+                     reused: Iterable[bytes] = (), files: dict[bytes, bytes] | None = None,
+                     ) -> None:
         """Store a batch of objects (touching existing unreferenced ones so GC spares them).
 
         References between objects new in this batch are counted directly (an imported file's
@@ -380,6 +392,13 @@ class Store:
         hit never faults in object data.
         """
         refs, zero = self.db["refs"], self.db["zero"]
+        for oid in reused:  # taken from the files cache, without their bytes
+            if txn.get(oid, db=refs) is None:
+                raise StaleCache(f"cached object {oid.hex()} has been collected")
+            if txn.get(oid, db=zero) is not None:
+                txn.put(oid, _U64.pack(gen), db=zero)
+        for key, value in (files or {}).items():
+            txn.put(key, value, db=self.db["files"])
         new: Batch = {}
         for oid, item in batch.items():
             if txn.get(oid, db=refs) is None:
@@ -759,6 +778,8 @@ class Writer:
         self.sid: int | None = None
         self.pending: Batch = {}
         self.pending_bytes = 0
+        self.reused: list[bytes] = []
+        self.files: dict[bytes, bytes] = {}
         self.closed = False
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -773,6 +794,13 @@ class Writer:
                 self.flush()
         return oid
 
+    def reuse(self, oid: bytes) -> None:
+        """Reference a stored object without its bytes; the batch checks it still exists."""
+        self.reused.append(oid)
+
+    def cache_file(self, key: bytes, record: bytes) -> None:
+        self.files[key] = record
+
     def flush(self) -> None:
         """Hand the pending batch to the background committer (after the previous one)."""
         if not self.pending:
@@ -780,13 +808,13 @@ class Writer:
         if self.sid is None:
             self.sid = self.store._begin_session()
         self.wait()
-        batch, sid = self.pending, self.sid
-        self.pending, self.pending_bytes = {}, 0
+        batch, sid, reused, files = self.pending, self.sid, self.reused, self.files
+        self.pending, self.pending_bytes, self.reused, self.files = {}, 0, [], {}
 
         def commit() -> None:
             try:
-                self.store.write(lambda txn: self.store._write_batch(txn, batch, sid),
-                                 "write objects")
+                self.store.write(lambda txn: self.store._write_batch(
+                    txn, batch, sid, reused, files), "write objects")
             except BaseException as exc:
                 self._error = exc
 
@@ -804,11 +832,12 @@ class Writer:
 
     def _flush_in(self, txn: lmdb.Transaction) -> None:
         gen = self.sid if self.sid is not None else self.store._meta_int(txn, b"gen")
-        self.store._write_batch(txn, self.pending, gen)
+        self.store._write_batch(txn, self.pending, gen, self.reused, self.files)
 
     def _after_flush(self) -> None:
         self.pending.clear()
         self.pending_bytes = 0
+        self.reused, self.files = [], {}
 
     def abort(self) -> None:
         """End the session without publishing; what it wrote is left for the sweeper."""

@@ -29,6 +29,7 @@ import functools
 import os
 import stat
 import struct
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,7 @@ from .errors import (
     Unsupported,
     from_oserror,
 )
-from .store import KIND_CHUNK, KIND_LIST, KIND_TREE, Store, Writer
+from .store import KIND_CHUNK, KIND_LIST, KIND_TREE, StaleCache, Store, Writer
 
 T_FILE = 1
 T_CHUNKED = 2
@@ -365,23 +366,53 @@ def _special_kind(mode: int) -> str:
     return "special file"
 
 
+_CACHE = struct.Struct("<QQQqqB32s")  # dev, ino, size, mtime_ns, ctime_ns, type, ref
+RACY_NS = 2_000_000_000
+
+
 class Importer:
-    """Walks a host directory bottom-up and writes its objects through one Writer."""
+    """Walks a host directory bottom-up and writes its objects through one Writer.
+
+    Files cache (as in git's index or borg's files cache): for each regular file read, the
+    store remembers (device, inode, size, mtime, ctime) -> content id under its absolute
+    path. A re-import takes a file whose stat still matches without reading it. ctime cannot
+    be set by users and changes on every write; files changed less than two seconds before
+    the import began are never cached, so a write in the same clock tick as our read cannot
+    hide. ``use_cache=False`` (``import --rehash``) reads everything.
+    """
 
     def __init__(self, w: Writer, *, skip_special: bool = False,
-                 progress: ProgressFn | None = None) -> None:
+                 progress: ProgressFn | None = None, use_cache: bool = True) -> None:
         self.w = w
         self.skip_special = skip_special
         self.progress = progress
+        self.use_cache = use_cache
         self.report = ImportReport()
         self._sub: list[tuple[int, int]] = []  # totals of the subtrees of the current dir
+        self._cached: dict[bytes, bytes] = {}  # this directory's files-cache records
+        self._trust_before = time.time_ns() - RACY_NS
+
+    def _file(self, path: bytes, st: os.stat_result) -> tuple[int, bytes, int]:
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        raw = self._cached.get(path)
+        if raw is not None:
+            *seen, etype, ref = _CACHE.unpack(raw)
+            if tuple(seen) == key:
+                if ref != ZERO_ID:
+                    self.w.reuse(ref)
+                return etype, ref, st.st_size
+        etype, ref, size = store_file(self.w, path)
+        if (self.use_cache and size == st.st_size
+                and max(st.st_mtime_ns, st.st_ctime_ns) < self._trust_before):
+            self.w.cache_file(path, _CACHE.pack(*key, etype, ref))
+        return etype, ref, size
 
     def entry(self, path: bytes, name: bytes, st: os.stat_result) -> Entry | None:
         """Store one filesystem object; None when it is a skipped special file."""
         mode = st.st_mode
         try:
             if stat.S_ISREG(mode):
-                etype, ref, size = store_file(self.w, path)
+                etype, ref, size = self._file(path, st)
                 self.report.files += 1
                 self.report.bytes += size
                 if self.progress:
@@ -415,6 +446,11 @@ class Importer:
         except OSError as exc:
             raise from_oserror(exc, os.fsdecode(path)) from exc
         outer, self._sub = self._sub, []
+        outer_cached = self._cached
+        if self.use_cache:
+            paths = [child for _, child in items]
+            found = self.w.store.cached_files(paths)
+            self._cached = {p: r for p, r in zip(paths, found, strict=True) if r is not None}
         for name, child in items:
             try:
                 st = os.lstat(child)
@@ -424,12 +460,14 @@ class Importer:
             if e is not None:
                 entries.append(e)
         sub, self._sub = self._sub, outer
+        self._cached = outer_cached
         self.report.dirs += 1
         return put_tree(self.w, entries, sum(b for b, _ in sub), sum(f for _, f in sub))
 
 
 def import_dir(store: Store, path: str | os.PathLike[str], *, skip_special: bool = False,
-               progress: ProgressFn | None = None, parent: str | None = None) -> ImportReport:
+               progress: ProgressFn | None = None, parent: str | None = None,
+               use_cache: bool = True) -> ImportReport:
     """Import a host directory as a snapshot (published atomically at the end)."""
     raw = os.fsencode(os.path.abspath(path))
     try:
@@ -438,8 +476,16 @@ def import_dir(store: Store, path: str | os.PathLike[str], *, skip_special: bool
         raise from_oserror(exc, os.fsdecode(raw)) from exc
     if not stat.S_ISDIR(st.st_mode):
         raise InvalidArgument(f"{os.fsdecode(raw)}: not a directory")
+    try:
+        return _import(store, raw, skip_special, progress, parent, use_cache)
+    except StaleCache:  # GC took a cached object meanwhile: read everything
+        return _import(store, raw, skip_special, progress, parent, False)
+
+
+def _import(store: Store, raw: bytes, skip_special: bool, progress: ProgressFn | None,
+            parent: str | None, use_cache: bool) -> ImportReport:
     with store.writer() as w:
-        imp = Importer(w, skip_special=skip_special, progress=progress)
+        imp = Importer(w, skip_special=skip_special, progress=progress, use_cache=use_cache)
         root = imp.tree(raw).oid
         rec = store.publish(w, root, parent=parent, logical_bytes=imp.report.bytes,
                             files=imp.report.files)

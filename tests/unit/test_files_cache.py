@@ -1,0 +1,100 @@
+"""The import files cache: unchanged files are not read again, changed ones always are."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from oppiefs import tree
+
+
+@pytest.fixture
+def fast_trust(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trust files older than 10 ms instead of 2 s, so tests need not wait."""
+    monkeypatch.setattr(tree, "RACY_NS", 10_000_000)
+
+
+def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    seen: list[bytes] = []
+    real = tree.store_file
+
+    def counting(w, path):  # type: ignore[no-untyped-def]
+        seen.append(path)
+        return real(w, path)
+
+    monkeypatch.setattr(tree, "store_file", counting)
+    return seen
+
+
+def _make(root: Path) -> None:
+    for i in range(20):
+        (root / f"d{i % 4}").mkdir(parents=True, exist_ok=True)
+        (root / f"d{i % 4}" / f"f{i}").write_bytes(os.urandom(100 + i * 5000))
+    (root / "empty").write_bytes(b"")
+
+
+def test_reimport_reads_nothing_unchanged(tmp_path, monkeypatch, fast_trust) -> None:
+    src = tmp_path / "src"
+    _make(src)
+    time.sleep(0.05)
+    store = tree.open_store(tmp_path / "store")
+    first = tree.import_dir(store, src)
+    reads = _count_reads(monkeypatch)
+    again = tree.import_dir(store, src)
+    assert again.root == first.root and reads == []
+    assert tree.import_dir(store, src, use_cache=False).root == first.root
+    assert len(reads) == 21
+    assert store.check() == []
+
+
+def test_changed_file_is_read_even_with_same_size_and_mtime(tmp_path, monkeypatch,
+                                                            fast_trust) -> None:
+    src = tmp_path / "src"
+    _make(src)
+    time.sleep(0.05)
+    store = tree.open_store(tmp_path / "store")
+    tree.import_dir(store, src)
+    victim = src / "d1" / "f5"
+    st = victim.stat()
+    time.sleep(0.05)
+    data = bytearray(victim.read_bytes())
+    data[0] ^= 0xFF
+    victim.write_bytes(bytes(data))  # same size ...
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))  # ... same mtime; ctime moved
+    reads = _count_reads(monkeypatch)
+    rep = tree.import_dir(store, src)
+    assert reads == [os.fsencode(victim)]
+    reader = tree.Reader(store)
+    assert reader.read_all(reader.lookup(rep.root, "d1/f5")) == bytes(data)
+
+
+def test_recent_files_are_not_cached(tmp_path, monkeypatch) -> None:
+    src = tmp_path / "src"
+    _make(src)  # just written: inside the 2 s window, so never trusted
+    store = tree.open_store(tmp_path / "store")
+    tree.import_dir(store, src)
+    reads = _count_reads(monkeypatch)
+    tree.import_dir(store, src)
+    assert len(reads) == 21
+
+
+def test_collected_cached_object_falls_back_to_reading(tmp_path, monkeypatch,
+                                                       fast_trust) -> None:
+    src = tmp_path / "src"
+    _make(src)
+    time.sleep(0.05)
+    store = tree.open_store(tmp_path / "store")
+    first = tree.import_dir(store, src)
+    store.release(first.root)
+    store.sweep()  # every object is gone; the files cache still names them
+    assert store.stats().objects == 0
+    rep = tree.import_dir(store, src)
+    assert rep.root == first.root
+    reader = tree.Reader(store)
+    for path, e in reader.walk(rep.root):
+        if e.is_file:
+            assert reader.read_all(e) == (src / os.fsdecode(path)).read_bytes()
+    assert store.check() == []
