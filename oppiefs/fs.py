@@ -205,7 +205,9 @@ class Operations(pyfuse3.Operations):
         self.sessions: dict[int, Session] = {}
         self._next_fh = 16  # ctl handles stay below FIRST_SNAPSHOT, file handles are inodes
         self._chunk = functools.lru_cache(maxsize=CHUNK_CACHE)(self.reader.chunk)
-        self._node_links: dict[int, bytes] = {}
+        self._node_links: dict[int, bytes] = {}  # inode -> target, live nodes only
+        self._node_inos: dict[bytes, int] = {}
+        self._next_node_ino = V.FIRST_NODE_LINK
         stats_path = os.environ.get(STATS_ENV)
         if stats_path:
             self.count_requests(stats_path)
@@ -266,21 +268,38 @@ class Operations(pyfuse3.Operations):
         return self._attr(ino, e, DYNAMIC_TIMEOUT)
 
     def _node_link(self, name: bytes) -> tuple[int, Entry]:
+        """``nodes/<node>``: a symlink to the node's overlay, with an inode of its own.
+
+        Numbers come from a counter (never reused for another name during the mount) and
+        are forgotten when the node is gone, so the table follows the live nodes.
+        """
         target = self.node_paths().get(os.fsdecode(name))
         if target is None:
+            ino = self._node_inos.pop(name, None)
+            self._node_links.pop(ino, None)  # type: ignore[arg-type]
             raise pyfuse3.FUSEError(errno.ENOENT)
-        ino = V.CTL_INO + 1 + (hash(name) & 0xFFFFFFF)
+        ino = self._node_inos.get(name)
+        if ino is None:
+            ino = self._node_inos[name] = self._next_node_ino
+            self._next_node_ino += 1
         raw = os.fsencode(target)
         self._node_links[ino] = raw
         return ino, Entry(name, T_SYMLINK, 0o777, self.vfs.uid, self.vfs.gid, len(raw),
                           self.vfs.mounted_at, target=raw)
 
+    def _prune_node_links(self) -> None:
+        live = {os.fsencode(n) for n in self.node_paths()}
+        for name in [n for n in self._node_inos if n not in live]:
+            self._node_links.pop(self._node_inos.pop(name), None)
+
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
         try:
             if inode >= V.FIRST_SNAPSHOT:
                 return self._attr(inode, self.vfs.entry(inode))
-            if inode in self._node_links:
-                raw = self._node_links[inode]
+            if inode >= V.FIRST_NODE_LINK:
+                raw = self._node_links.get(inode)
+                if raw is None:  # the node was dropped
+                    raise pyfuse3.FUSEError(errno.ENOENT)
                 e = Entry(b"", T_SYMLINK, 0o777, self.vfs.uid, self.vfs.gid, len(raw),
                           self.vfs.mounted_at, target=raw)
                 return self._attr(inode, e, DYNAMIC_TIMEOUT)
@@ -354,6 +373,7 @@ class Operations(pyfuse3.Operations):
         elif fh == V.SNAPSHOTS_INO:
             items = [(e.name, self._attr(ino, e), e) for ino, e in self.vfs.snapshot_roots()]
         elif fh == V.NODES_INO:
+            self._prune_node_links()
             for name in sorted(self.node_paths()):
                 ino, e = self._node_link(os.fsencode(name))
                 items.append((e.name, self._attr(ino, e, DYNAMIC_TIMEOUT), None))
@@ -422,7 +442,9 @@ class Operations(pyfuse3.Operations):
 
     @_fuse
     async def readlink(self, inode: int, ctx: Any = None) -> bytes:
-        if inode in self._node_links:
+        if V.FIRST_NODE_LINK <= inode < V.FIRST_SNAPSHOT:
+            if inode not in self._node_links:
+                raise pyfuse3.FUSEError(errno.ENOENT)
             return self._node_links[inode]
         e = self.vfs.entry(inode)
         if e.type != T_SYMLINK:
@@ -462,6 +484,3 @@ class Operations(pyfuse3.Operations):
     setattr = mkdir = mknod = create = symlink = link = unlink = rmdir = rename = _erofs_async
     setxattr = removexattr = _erofs_async
 
-
-def is_dir_mode(mode: int) -> bool:
-    return stat.S_ISDIR(mode)

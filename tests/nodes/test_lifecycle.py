@@ -298,3 +298,23 @@ def test_nodes_survive_kill_9(tmp_path):
             subprocess.run([*OPPIEFS, "umount", str(d.mnt)], capture_output=True, timeout=60)
         d.stop()
     assert mounts_under(tmp_path) == []
+
+
+def test_node_links_have_distinct_inodes_and_vanish_on_drop(tmp_path):
+    """Every live node's link has its own inode; a dropped node's link is gone."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    with Daemon(tmp_path / "mnt", tmp_path / "store") as d, Client(d.mnt) as c:
+        snap = c.import_(src)
+        nodes = [c.fork(snap) for _ in range(40)]
+        inos = {os.lstat(d.mnt / "nodes" / n.id).st_ino for n in nodes}
+        assert len(inos) == len(nodes)
+        for n in nodes:
+            assert os.readlink(d.mnt / "nodes" / n.id).endswith(f"/nodes/{n.id}/merged")
+        gone = nodes.pop()
+        c.drop(gone.id)
+        assert gone.id not in os.listdir(d.mnt / "nodes")
+        for n in nodes:
+            c.drop(n.id)
+        assert os.listdir(d.mnt / "nodes") == []
