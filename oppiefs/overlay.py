@@ -92,6 +92,7 @@ class MountInfo(NamedTuple):
     fstype: str
     source: str
     options: str  # super options (lowerdir=... for overlays)
+    device: str = ""  # major:minor, names the mount's /sys/class/bdi entry
 
 
 def _unescape(field: str) -> str:
@@ -109,7 +110,7 @@ def mounts() -> list[MountInfo]:
             if len(fields) < 5 or len(rfields) < 3:
                 continue
             out.append(MountInfo(_unescape(fields[4]), rfields[0], _unescape(rfields[1]),
-                                 rfields[2]))
+                                 rfields[2], fields[2]))
     return out
 
 
