@@ -90,7 +90,8 @@ def main() -> None:
 @click.option("--skip-special", is_flag=True,
               help="Leave out FIFOs, sockets and device nodes (reported) instead of failing.")
 @click.option("--rehash", is_flag=True,
-              help="Read every file even where the files cache says it is unchanged.")
+              help="Read every file even where the files cache says it is unchanged, and "
+                   "rewrite stored copies that fsck finds corrupt.")
 @store_option
 @json_option
 @_guarded

@@ -39,6 +39,7 @@ import contextlib
 import ctypes
 import errno
 import json
+import logging
 import os
 import struct
 import threading
@@ -57,6 +58,8 @@ KIND_CHUNK = b"C"
 KIND_LIST = b"L"
 KIND_TREE = b"T"
 KINDS = (KIND_CHUNK, KIND_LIST, KIND_TREE)
+
+log = logging.getLogger("oppiefs.store")
 
 ChildrenOf = Callable[[bytes, bytes], Iterable[bytes]]
 Batch = dict[bytes, tuple[bytes, bytes, "Iterable[bytes] | None"]]  # oid -> kind, payload, refs
@@ -383,7 +386,7 @@ class Store:
 
     def _write_batch(self, txn: lmdb.Transaction, batch: Batch, gen: int,
                      reused: Iterable[bytes] = (), files: dict[bytes, bytes] | None = None,
-                     ) -> None:
+                     heal: bool = False) -> None:
         """Store a batch of objects (touching existing unreferenced ones so GC spares them).
 
         References between objects new in this batch are counted directly (an imported file's
@@ -403,8 +406,11 @@ class Store:
         for oid, item in batch.items():
             if txn.get(oid, db=refs) is None:
                 new[oid] = item
-            elif txn.get(oid, db=zero) is not None:
+                continue
+            if txn.get(oid, db=zero) is not None:
                 txn.put(oid, _U64.pack(gen), db=zero)
+            if heal:
+                self._heal(txn, oid, item[0], item[1])
         inside: dict[bytes, int] = {}
         outside: list[bytes] = []
         for kind, payload, children in new.values():
@@ -428,10 +434,22 @@ class Store:
             self._set_meta_int(txn, b"stored_bytes",
                                self._meta_int(txn, b"stored_bytes") + nbytes)
 
+    def _heal(self, txn: lmdb.Transaction, oid: bytes, kind: bytes, payload: bytes) -> None:
+        """Rewrite a stored copy that no longer matches its id with the good bytes at hand."""
+        stored = txn.get(oid, db=self.db["objects"])
+        if stored is not None and stored[:1] == kind and oid_of(stored[1:]) == oid:
+            return
+        txn.put(oid, kind + payload, db=self.db["objects"])
+        if stored is not None:
+            delta = len(payload) - (len(stored) - 1)
+            self._set_meta_int(txn, b"stored_bytes",
+                               self._meta_int(txn, b"stored_bytes") + delta)
+        log.warning("healed corrupt object %s", oid.hex())
+
     # -- sessions -------------------------------------------------------------------------
 
-    def writer(self, batch_bytes: int = 64 << 20) -> Writer:
-        return Writer(self, batch_bytes)
+    def writer(self, batch_bytes: int = 64 << 20, *, heal: bool = False) -> Writer:
+        return Writer(self, batch_bytes, heal)
 
     def _begin_session(self) -> int:
         def fn(txn: lmdb.Transaction) -> int:
@@ -680,7 +698,8 @@ class Store:
         live daemon's concurrent commits cannot make it see drift that is not there. With
         ``repair`` (in a write transaction) it rewrites counts, pins and the sweeper's work
         list to match what exists; orphans are then freed by the next sweep. Corrupt
-        objects stay (and stay reported): only a re-import can restore their content.
+        objects stay (and stay reported) until ``import --rehash`` of a tree holding their
+        content rewrites them.
         """
         if repair:
             return self.write(lambda txn: self._check_in(txn, repair=True), "fsck repair")
@@ -736,6 +755,11 @@ class Store:
                 findings.append(f"snapshot {rec.id}: {rec.pins} pins recorded, "
                                 f"{pins.get(rec.id, 0)} live nodes")
         if repair and findings:
+            # A corrupt object's references are unknown: lower no count then, or repair
+            # would free the intact children of a damaged tree.
+            if any(f.startswith("corrupt object") for f in findings):
+                for oid, have in actual.items():
+                    expected[oid] = max(expected.get(oid, 0), have)
             self._repair(txn, expected, present, nbytes, pins, snaps)
         return findings
 
@@ -772,9 +796,10 @@ class Writer:
     small commit costs one transaction.
     """
 
-    def __init__(self, store: Store, batch_bytes: int) -> None:
+    def __init__(self, store: Store, batch_bytes: int, heal: bool = False) -> None:
         self.store = store
         self.batch_bytes = batch_bytes
+        self.heal = heal  # verify stored copies of what is written again; fix bad ones
         self.sid: int | None = None
         self.pending: Batch = {}
         self.pending_bytes = 0
@@ -814,7 +839,7 @@ class Writer:
         def commit() -> None:
             try:
                 self.store.write(lambda txn: self.store._write_batch(
-                    txn, batch, sid, reused, files), "write objects")
+                    txn, batch, sid, reused, files, self.heal), "write objects")
             except BaseException as exc:
                 self._error = exc
 
@@ -832,7 +857,7 @@ class Writer:
 
     def _flush_in(self, txn: lmdb.Transaction) -> None:
         gen = self.sid if self.sid is not None else self.store._meta_int(txn, b"gen")
-        self.store._write_batch(txn, self.pending, gen, self.reused, self.files)
+        self.store._write_batch(txn, self.pending, gen, self.reused, self.files, self.heal)
 
     def _after_flush(self) -> None:
         self.pending.clear()

@@ -484,7 +484,8 @@ def import_dir(store: Store, path: str | os.PathLike[str], *, skip_special: bool
 
 def _import(store: Store, raw: bytes, skip_special: bool, progress: ProgressFn | None,
             parent: str | None, use_cache: bool) -> ImportReport:
-    with store.writer() as w:
+    # Without the cache every file is read anyway: also verify (and heal) stored copies.
+    with store.writer(heal=not use_cache) as w:
         imp = Importer(w, skip_special=skip_special, progress=progress, use_cache=use_cache)
         root = imp.tree(raw).oid
         rec = store.publish(w, root, parent=parent, logical_bytes=imp.report.bytes,

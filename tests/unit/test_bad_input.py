@@ -228,3 +228,38 @@ def test_corrupted_object(cli: Cli, store_dir: Path, tmp_path: Path) -> None:
     # Metadata commands still work; listing does not touch file content.
     assert "victim" in cli("ls", f"{snap}:").out
     assert _unchanged(cli) == before
+
+
+def test_rehash_import_heals_a_corrupt_object(cli: Cli, store_dir: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    victim = det_bytes(8000, "heal-me")
+    (src / "victim").write_bytes(victim)
+    (src / "other").write_bytes(det_bytes(3000, "other"))
+    snap = cli("import", src).out.strip()
+    assert _flip_payload_byte(store_dir, victim[3000:3064]) >= 1
+    assert cli("fsck", expect=None).rc != 0
+    assert cli("import", src).out.strip() == snap  # the files cache does not read it
+    assert cli("fsck", expect=None).rc != 0
+    assert cli("import", "--rehash", src).out.strip() == snap
+    assert cli("fsck").out.strip() == "clean"
+    cli("checkout", snap, tmp_path / "out")
+    assert (tmp_path / "out" / "victim").read_bytes() == victim
+
+
+def test_repair_keeps_children_of_a_corrupt_tree(cli: Cli, store_dir: Path,
+                                                 tmp_path: Path) -> None:
+    """fsck --repair cannot count what a damaged tree references: it must free none of it."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    marker = det_bytes(40, "name-in-tree").hex().encode()[:60]
+    (src / "sub" / os.fsdecode(marker)).write_bytes(det_bytes(5000, "child"))
+    snap = cli("import", src).out.strip()
+    before = cli("stats", "--json").json()["objects"]
+    assert _flip_payload_byte(store_dir, marker) >= 1  # inside the sub/ tree object
+    cli("fsck", "--repair", expect=None)
+    assert cli("stats", "--json").json()["objects"] == before
+    with tree.open_store(store_dir, create=False) as store:
+        reader = tree.Reader(store)
+        top = reader.tree(bytes.fromhex(snap))
+        assert top.get(b"sub") is not None
