@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import pstats
-import shutil
 import statistics
 import subprocess
 import sys
@@ -38,9 +37,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.treeutil import make_sized_tree  # noqa: E402
+from bench.corpus import generated_tree, linux_tree, rmtree, warm  # noqa: E402
 
-LINUX_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
 _SCRIPT = Path(sys.executable).with_name("oppiefs")
 OPPIEFS = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "oppiefs.cli"]
 
@@ -60,54 +58,6 @@ def timed(argv: list[str]) -> tuple[float, float, str]:
     if proc.returncode:
         raise SystemExit(f"{argv[0]} failed ({proc.returncode}): {proc.stderr.strip()}")
     return t1 - t0, t2 - t0, proc.stdout.strip()
-
-
-def warm(root: Path) -> tuple[int, int]:
-    """Read every file once so each timed step starts with the same (warm) page cache."""
-    files = nbytes = 0
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            path = os.path.join(dirpath, name)
-            if os.path.islink(path):
-                continue
-            with open(path, "rb", buffering=0) as f:
-                while chunk := f.read(1 << 20):
-                    nbytes += len(chunk)
-            files += 1
-    return files, nbytes
-
-
-def rmtree(path: Path) -> None:
-    if path.exists():
-        shutil.rmtree(path)
-
-
-def generated_tree(work: Path) -> Path:
-    root = work / "generated-2000x50MB-seed0"
-    stamp = work / "generated-2000x50MB-seed0.done"
-    if not stamp.exists():
-        rmtree(root)
-        make_sized_tree(root, files=2000, total_bytes=50_000_000, seed=0)
-        stamp.touch()
-    return root
-
-
-def linux_tree(work: Path) -> Path | None:
-    root = work / "linux-source-6.1"
-    if root.is_dir():
-        return root
-    if not LINUX_TARBALL.exists():
-        print(f"skipping the kernel tree: {LINUX_TARBALL} is not installed "
-              "(apt-get install linux-source-6.1)", file=sys.stderr)
-        return None
-    print(f"unpacking {LINUX_TARBALL} into {work} (once) ...", file=sys.stderr)
-    tmp = work / ".unpack"
-    rmtree(tmp)
-    tmp.mkdir(parents=True)
-    subprocess.run(["tar", "-xJf", str(LINUX_TARBALL), "-C", str(tmp)], check=True)
-    (tmp / "linux-source-6.1").rename(root)
-    tmp.rmdir()
-    return root
 
 
 def bench_tree(name: str, src: Path, work: Path, runs: int) -> dict:

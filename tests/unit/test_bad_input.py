@@ -11,6 +11,7 @@ import pytest
 
 from oppiefs import errors, tree
 from oppiefs.store import KIND_TREE, oid_of
+from tests.chaosutil import flip_payload_byte
 from tests.cliutil import Cli, data_digest, store_state
 from tests.treeutil import det_bytes, make_odd_tree
 
@@ -183,23 +184,6 @@ def test_store_without_permission(cli: Cli, tmp_path: Path, populated: str,
 # -- corruption -----------------------------------------------------------------------------
 
 
-def _flip_payload_byte(store_dir: Path, marker: bytes) -> int:
-    """Flip one byte inside every stored copy of ``marker`` (a run of an object's payload,
-    random enough to occur nowhere else), so LMDB's own pages stay intact."""
-    data_file = store_dir / "data.mdb"
-    raw = bytearray(data_file.read_bytes())
-    hits = []
-    pos = raw.find(marker)
-    while pos >= 0:
-        hits.append(pos)
-        pos = raw.find(marker, pos + 1)
-    with open(data_file, "r+b") as f:
-        for hit in hits:
-            f.seek(hit + len(marker) // 2)
-            f.write(bytes([raw[hit + len(marker) // 2] ^ 0x01]))
-    return len(hits)
-
-
 def test_corrupted_object(cli: Cli, store_dir: Path, tmp_path: Path) -> None:
     src = tmp_path / "src"
     make_odd_tree(src)
@@ -207,7 +191,7 @@ def test_corrupted_object(cli: Cli, store_dir: Path, tmp_path: Path) -> None:
     (src / "victim").write_bytes(victim)
     snap = cli("import", src).out.strip()
     oid = oid_of(victim).hex()
-    assert _flip_payload_byte(store_dir, victim[3000:3064]) >= 1
+    assert flip_payload_byte(store_dir, victim[3000:3064]) >= 1
     before = _unchanged(cli)
 
     # Reading the object fails precisely (never wrong bytes) ...
@@ -237,7 +221,7 @@ def test_rehash_import_heals_a_corrupt_object(cli: Cli, store_dir: Path, tmp_pat
     (src / "victim").write_bytes(victim)
     (src / "other").write_bytes(det_bytes(3000, "other"))
     snap = cli("import", src).out.strip()
-    assert _flip_payload_byte(store_dir, victim[3000:3064]) >= 1
+    assert flip_payload_byte(store_dir, victim[3000:3064]) >= 1
     assert cli("fsck", expect=None).rc != 0
     assert cli("import", src).out.strip() == snap  # the files cache does not read it
     assert cli("fsck", expect=None).rc != 0
@@ -256,7 +240,7 @@ def test_repair_keeps_children_of_a_corrupt_tree(cli: Cli, store_dir: Path,
     (src / "sub" / os.fsdecode(marker)).write_bytes(det_bytes(5000, "child"))
     snap = cli("import", src).out.strip()
     before = cli("stats", "--json").json()["objects"]
-    assert _flip_payload_byte(store_dir, marker) >= 1  # inside the sub/ tree object
+    assert flip_payload_byte(store_dir, marker) >= 1  # inside the sub/ tree object
     cli("fsck", "--repair", expect=None)
     assert cli("stats", "--json").json()["objects"] == before
     with tree.open_store(store_dir, create=False) as store:
