@@ -149,7 +149,10 @@ class _FastTrio:
 
 async def serve_requests(burst: int = BURST) -> None:
     """Run ``pyfuse3.main()`` with the fast path (``burst=0``: pyfuse3's plain loop)."""
-    saved = pyfuse3.trio  # type: ignore[attr-defined]
+    saved = getattr(pyfuse3, "trio", None)
+    if saved is None:  # a pyfuse3 without the hook: its plain loop
+        await pyfuse3.main()
+        return
     if burst > 0:
         pyfuse3.trio = _FastTrio(burst)  # type: ignore[attr-defined]
     try:
