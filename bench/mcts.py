@@ -348,7 +348,7 @@ def main() -> None:
     ap.add_argument("--only", choices=["generated", "linux"])
     ap.add_argument("--iters", type=int, default=200, help="oppiefs iterations per tree")
     ap.add_argument("--peer-iters", type=int, default=None,
-                    help="iterations for peers (default: same on the small tree, 8 on linux)")
+                    help="iterations for peers (default: 30 on the small tree, 8 on linux)")
     ap.add_argument("--peers", default="cp,git,overlay,btrfs")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "mcts.json")
@@ -379,7 +379,7 @@ def main() -> None:
         res: dict[str, Any] = {"files": nfiles, "bytes": nbytes, "systems": {}}
         for cls in [Oppiefs, *peers]:
             n = args.iters if cls is Oppiefs else (
-                args.peer_iters or (args.iters if tname == "generated" else 8))
+                args.peer_iters or (30 if tname == "generated" else 8))
             print(f"   {cls.name}: {n} iterations ...", file=sys.stderr)
             lat = run(cls(WORK / f"mcts-{cls.__name__.lower()}"), tree, n, args.seed)
             res["systems"][cls.name] = summarize(lat)
