@@ -318,3 +318,14 @@ def test_node_links_have_distinct_inodes_and_vanish_on_drop(tmp_path):
         for n in nodes:
             c.drop(n.id)
         assert os.listdir(d.mnt / "nodes") == []
+
+
+def test_stale_node_dirs_are_swept_on_mount(tmp_path):
+    """A node dir without a record (a drop cut short after its record went) is removed."""
+    stale = tmp_path / "store" / "nodes" / "0123456789ab"
+    for sub in ("upper", "work", "merged"):
+        (stale / sub).mkdir(parents=True)
+    (stale / "upper" / "leftover").write_text("x")
+    with Daemon(tmp_path / "mnt", tmp_path / "store") as d:
+        assert not stale.exists()
+        assert os.listdir(d.mnt / "nodes") == []
