@@ -53,7 +53,7 @@ POOL = 6  # live snapshots kept; older random ones are pruned
 def sh(*argv: str | os.PathLike[str], cwd: Path | None = None) -> str:
     res = subprocess.run([str(a) for a in argv], cwd=cwd, capture_output=True, text=True)
     if res.returncode:
-        raise RuntimeError(f"{' '.join(map(str, argv))}: {res.stderr.strip()}")
+        raise RuntimeError(f"{' '.join(map(str, argv))}: {(res.stderr or res.stdout).strip()}")
     return res.stdout.strip()
 
 
@@ -164,7 +164,8 @@ class GitWorktree(System):
         sh("cp", "-a", tree, self.repo)
         os.environ.update(self.ENV)
         sh("git", "init", "-q", cwd=self.repo)
-        sh("git", "add", "-A", cwd=self.repo)
+        # Snapshot everything, ignored files too (the kernel tree ignores dotfiles).
+        sh("git", "add", "-A", "--force", cwd=self.repo)
         sh("git", "commit", "-qm", "base", "--no-verify", cwd=self.repo)
         self.n = 0
         return sh("git", "rev-parse", "HEAD", cwd=self.repo)
@@ -176,7 +177,7 @@ class GitWorktree(System):
         return node, node
 
     def commit(self, node: Path) -> str:
-        sh("git", "add", "-A", cwd=node)
+        sh("git", "add", "-A", "--force", cwd=node)
         sh("git", "commit", "-qm", "step", "--no-verify", "--allow-empty", cwd=node)
         rev = sh("git", "rev-parse", "HEAD", cwd=node)
         sh("git", "update-ref", f"refs/snaps/{rev}", rev, cwd=self.repo)

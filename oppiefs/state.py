@@ -32,6 +32,7 @@ from .store import Store
 
 log = logging.getLogger("oppiefs.state")
 
+TRASH_PREFIX = ".trash-"  # dropped node dirs waiting to be deleted (not a valid node id)
 NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -155,7 +156,12 @@ class StateManager:
                 # That was the last pin of a pruned snapshot: its data is about to be swept,
                 # so the kernel must forget the snapshots/<id> entry it may have re-cached.
                 self.on_released(root.hex())
-            shutil.rmtree(base, ignore_errors=True)
+            # Deleting a big upper dir can take long: move it aside, the sweeper deletes it
+            # (and a restart sweeps it: it has no record).
+            try:
+                base.rename(self.node_root / f"{TRASH_PREFIX}{node}")
+            except OSError:
+                shutil.rmtree(base, ignore_errors=True)
         with self._lock:
             self._node_locks.pop(node, None)
         self.gc_wanted.set()
@@ -217,6 +223,10 @@ class StateManager:
         self.ready.set()
         return problems
 
+    def empty_trash(self) -> None:
+        for d in self.node_root.glob(f"{TRASH_PREFIX}*"):
+            shutil.rmtree(d, ignore_errors=True)
+
     def detach_all(self) -> None:
         """Unmount every node overlay (lazily): on shutdown, before the FUSE mount goes."""
         for node in list(self._links):
@@ -234,6 +244,7 @@ class StateManager:
             self.gc_wanted.clear()
             if stop.is_set():
                 return
+            self.empty_trash()
             try:
                 n, nbytes = self.store.sweep(batch=128, pause=0.005)
                 if n:

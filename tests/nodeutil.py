@@ -77,6 +77,14 @@ def fsck_clean(store: Path) -> None:
 
 
 def node_dirs(store: Path) -> list[str]:
-    """Node directories the daemon keeps under the store (one per live node)."""
+    """Node directories the daemon keeps under the store (one per live node).
+
+    Dropped nodes' dirs are renamed ``.trash-<node>`` and deleted in the background.
+    """
     d = store / "nodes"
-    return sorted(os.listdir(d)) if d.is_dir() else []
+    return sorted(n for n in os.listdir(d) if not n.startswith(".trash-")) if d.is_dir() else []
+
+
+def trash_dirs(store: Path) -> list[str]:
+    d = store / "nodes"
+    return sorted(n for n in os.listdir(d) if n.startswith(".trash-")) if d.is_dir() else []

@@ -24,7 +24,7 @@ from pathlib import Path
 from oppiefs.client import Client, Node
 from oppiefs.errors import NotFound
 from tests.cliutil import Cli
-from tests.nodeutil import fsck_clean, node_dirs
+from tests.nodeutil import fsck_clean, node_dirs, trash_dirs, wait_for
 
 THREADS = 16
 DURATION = float(os.environ.get("OPPIEFS_CONCURRENCY_SECONDS", "30"))
@@ -145,6 +145,8 @@ def test_sixteen_clients_at_once(daemon, tmp_path):
         status = c.status()
         assert status["nodes"] == 0, status
         assert node_dirs(daemon.store) == []
+        # Dropped nodes' dirs go to the trash, which the daemon empties in the background.
+        wait_for(lambda: not trash_dirs(daemon.store), timeout=60, what="an empty trash")
         assert os.listdir(daemon.mnt / "nodes") == []
         assert sorted(os.listdir(daemon.mnt / "snapshots")) == sorted(set(shared.ids))
         fsck_clean(daemon.store)
