@@ -32,6 +32,7 @@ from .store import Store
 
 log = logging.getLogger("oppiefs.state")
 
+GC_GAP_S = 1.0
 TRASH_PREFIX = ".trash-"  # dropped node dirs waiting to be deleted (not a valid node id)
 NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -141,7 +142,6 @@ class StateManager:
                 record["head"] = built.oid.hex()
                 rec = self.store.publish(w, built.oid, parent=parent, logical_bytes=built.bytes,
                                          files=built.files, node=(node, record))
-            self.gc_wanted.set()  # apply the commit's logged references soon, in bulk
         return {"snapshot": rec.id, "parent": parent, "node": node}
 
     def drop(self, node: str, *, force: bool = False) -> dict[str, Any]:
@@ -237,8 +237,11 @@ class StateManager:
                 log.warning("cannot detach node %s: %s", node, exc)
             self._set_link(node, None)
 
-    def run_gc(self, stop: threading.Event, interval: float = 30.0) -> None:
-        """Background sweeper: runs after prunes/drops, and every ``interval`` seconds."""
+    def run_gc(self, stop: threading.Event, interval: float = 10.0,
+               gap: float = GC_GAP_S) -> None:
+        """Background sweeper: after prunes/drops (at most once per ``gap`` seconds, so a
+        busy search loop pays for one sweep per second, not one per operation) and every
+        ``interval`` seconds (which also applies commits' logged references)."""
         while not stop.is_set():
             self.gc_wanted.wait(interval)
             self.gc_wanted.clear()
@@ -253,4 +256,4 @@ class StateManager:
                 log.error("gc failed: %s", exc)
             except Exception:
                 log.exception("gc crashed")
-            time.sleep(0.2)  # coalesce bursts of prunes into one sweep
+            stop.wait(gap)
