@@ -151,7 +151,8 @@ class Control:
             fn, args = self.parse(line)
             if not self.state.ready.wait(READY_TIMEOUT):
                 raise Busy("the daemon is still re-attaching nodes; try again")
-            reply = fn(*args)
+            with self.state.busy():
+                reply = fn(*args)
         except OppieError as exc:
             return error_reply(exc)
         except Exception as exc:

@@ -15,6 +15,7 @@ then deletes the directory (a directory without a record is swept on the next st
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -22,7 +23,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,8 @@ from .store import Store
 log = logging.getLogger("oppiefs.state")
 
 GC_GAP_S = 1.0
+GC_IDLE_S = 0.02  # the sweeper works in the gaps between commands ...
+GC_MAX_DEFER_S = 2.0  # ... but waits no longer than this for one
 TRASH_PREFIX = ".trash-"  # dropped node dirs waiting to be deleted (not a valid node id)
 NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -56,6 +59,8 @@ class StateManager:
         self.gc_wanted = threading.Event()
         # Set once recover() has re-attached the nodes; commands wait for it (control.py).
         self.ready = threading.Event()
+        self._active = 0  # commands in progress (control.py marks them with busy())
+        self._last_active = 0.0
         # Called with a snapshot id when it leaves the listing (the mount drops its dentry).
         self.on_released: Callable[[str], None] = lambda snapshot_id: None
 
@@ -90,6 +95,26 @@ class StateManager:
             else:
                 links[node] = str(merged)
             self._links = links
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        """Mark a command in progress: the sweeper keeps out of its way (see run_gc)."""
+        with self._lock:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._active -= 1
+                self._last_active = time.monotonic()
+
+    def _wait_idle(self, stop: threading.Event) -> None:
+        """Wait for a pause in the command stream (at most GC_MAX_DEFER_S)."""
+        deadline = time.monotonic() + GC_MAX_DEFER_S
+        while not stop.is_set() and time.monotonic() < deadline:
+            if not self._active and time.monotonic() - self._last_active >= GC_IDLE_S:
+                return
+            stop.wait(GC_IDLE_S / 2)
 
     # -- commands ---------------------------------------------------------------------------
 
@@ -247,9 +272,10 @@ class StateManager:
             self.gc_wanted.clear()
             if stop.is_set():
                 return
+            self._wait_idle(stop)
             self.empty_trash()
             try:
-                n, nbytes = self.store.sweep(batch=128, pause=0.005)
+                n, nbytes = self.store.sweep(batch=32, between=lambda: self._wait_idle(stop))
                 if n:
                     log.info("gc: freed %d objects, %d bytes", n, nbytes)
             except OppieError as exc:

@@ -620,15 +620,17 @@ class Store:
 
     # -- garbage collection ---------------------------------------------------------------
 
-    def sweep(self, batch: int = 2000, pause: float = 0.0) -> tuple[int, int]:
+    def sweep(self, batch: int = 2000,
+              between: Callable[[], None] | None = None) -> tuple[int, int]:
         """Delete unreferenced objects no in-flight session can need; returns (n, bytes).
 
         Works in transactions of ``batch`` objects; a background sweeper passes small
-        batches and a ``pause`` so foreground commits never wait long for the write lock.
+        batches and a ``between`` hook (wait for a pause in the foreground) so commits
+        never wait long for the write lock.
         """
         while self.write(lambda txn: self._drain(txn, limit=batch * 16), "apply references"):
-            if pause:
-                time.sleep(pause)
+            if between:
+                between()
         total_n = total_bytes = 0
         while True:
             n, nbytes, more = self.write(lambda txn: self._sweep_batch(txn, batch), "gc sweep")
@@ -636,8 +638,8 @@ class Store:
             total_bytes += nbytes
             if not more:
                 return total_n, total_bytes
-            if pause:
-                time.sleep(pause)
+            if between:
+                between()
 
     def _sweep_batch(self, txn: lmdb.Transaction, batch: int) -> tuple[int, int, bool]:
         self._drain(txn)
