@@ -303,10 +303,14 @@ mount_option = click.option(
     help="Mountpoint of the running daemon (or OPPIEFS_MOUNT).")
 
 
-def _client(mnt: Path) -> Any:
+def _ctl(mnt: Path, as_json: bool, text: Callable[[dict[str, Any]], str], *words: str) -> None:
+    """Send one control command to the mount and print its reply."""
     from .client import Client
 
-    return Client(mnt)
+    with Client(mnt) as client:
+        reply = client.call(*words)
+    reply.pop("ok")
+    _emit(as_json, reply, text(reply))
 
 
 @main.command()
@@ -315,10 +319,8 @@ def _client(mnt: Path) -> Any:
 @json_option
 @_guarded
 def fork(snapshot: str, mnt: Path, as_json: bool) -> None:
-    """Fork SNAPSHOT into a new writable node; print its path."""
-    r = _client(mnt).call("fork", snapshot)
-    r.pop("ok")
-    _emit(as_json, r, f"{r['node']} {r['path']}")
+    """Fork SNAPSHOT into a new writable node; print its id and path."""
+    _ctl(mnt, as_json, lambda r: f"{r['node']} {r['path']}", "fork", snapshot)
 
 
 @main.command()
@@ -328,9 +330,7 @@ def fork(snapshot: str, mnt: Path, as_json: bool) -> None:
 @_guarded
 def commit(node: str, mnt: Path, as_json: bool) -> None:
     """Capture NODE's current state as a snapshot; print its id."""
-    r = _client(mnt).call("commit", node)
-    r.pop("ok")
-    _emit(as_json, r, r["snapshot"])
+    _ctl(mnt, as_json, lambda r: r["snapshot"], "commit", node)
 
 
 @main.command()
@@ -341,8 +341,8 @@ def commit(node: str, mnt: Path, as_json: bool) -> None:
 @_guarded
 def drop(node: str, force: bool, mnt: Path, as_json: bool) -> None:
     """Unmount NODE and discard its changes."""
-    _client(mnt).drop(node, force=force)
-    _emit(as_json, {"node": node}, f"dropped {node}")
+    words = ("drop", "--force", node) if force else ("drop", node)
+    _ctl(mnt, as_json, lambda r: f"dropped {node}", *words)
 
 
 @main.command()
@@ -352,9 +352,7 @@ def drop(node: str, force: bool, mnt: Path, as_json: bool) -> None:
 @_guarded
 def prune(snapshot: str, mnt: Path, as_json: bool) -> None:
     """Release SNAPSHOT; its data is freed once no node needs it."""
-    r = _client(mnt).call("prune", snapshot)
-    r.pop("ok")
-    _emit(as_json, r, f"pruned {r['snapshot']}")
+    _ctl(mnt, as_json, lambda r: f"pruned {r['snapshot']}", "prune", snapshot)
 
 
 @main.command()
@@ -363,8 +361,7 @@ def prune(snapshot: str, mnt: Path, as_json: bool) -> None:
 @_guarded
 def status(mnt: Path, as_json: bool) -> None:
     """Counts of snapshots, nodes, objects and bytes of a running mount."""
-    r = _client(mnt).status()
-    _emit(as_json, r, "\n".join(f"{k:<14}{v}" for k, v in r.items()))
+    _ctl(mnt, as_json, lambda r: "\n".join(f"{k:<14}{v}" for k, v in r.items()), "status")
 
 
 @main.command("log")
