@@ -35,7 +35,7 @@ log = logging.getLogger("oppiefs.state")
 
 GC_GAP_S = 1.0
 GC_IDLE_S = 0.02  # the sweeper works in the gaps between commands ...
-GC_MAX_DEFER_S = 2.0  # ... but waits no longer than this for one
+GC_MAX_DEFER_S = 2.0  # ... but waits no longer than this for one (sustained load)
 TRASH_PREFIX = ".trash-"  # dropped node dirs waiting to be deleted (not a valid node id)
 NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -109,7 +109,9 @@ class StateManager:
                 self._last_active = time.monotonic()
 
     def _wait_idle(self, stop: threading.Event) -> None:
-        """Wait for a pause in the command stream (at most GC_MAX_DEFER_S)."""
+        """Wait for a pause in the command stream (at most GC_MAX_DEFER_S, so that under
+        sustained load the sweeper still makes progress: each drain transaction applies up
+        to DRAIN_LIMIT logged references)."""
         deadline = time.monotonic() + GC_MAX_DEFER_S
         while not stop.is_set() and time.monotonic() < deadline:
             if not self._active and time.monotonic() - self._last_active >= GC_IDLE_S:
@@ -266,7 +268,8 @@ class StateManager:
                gap: float = GC_GAP_S) -> None:
         """Background sweeper: after prunes/drops (at most once per ``gap`` seconds, so a
         busy search loop pays for one sweep per second, not one per operation) and every
-        ``interval`` seconds (which also applies commits' logged references)."""
+        ``interval`` seconds (which also applies commits' logged references). Each of its
+        transactions waits for a gap between commands (``_wait_idle``)."""
         while not stop.is_set():
             self.gc_wanted.wait(interval)
             self.gc_wanted.clear()

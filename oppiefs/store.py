@@ -65,6 +65,12 @@ ChildrenOf = Callable[[bytes, bytes], Iterable[bytes]]
 Batch = dict[bytes, tuple[bytes, bytes, "Iterable[bytes] | None"]]  # oid -> kind, payload, refs
 
 _U64 = struct.Struct("<Q")
+# Logged increments applied per transaction (summed per object first): small while the log
+# is short, so a drain never holds up a commit for long; large when a sustained burst of
+# commits has built a backlog, so the log cannot grow without bound.
+DRAIN_LIMIT = 512
+DRAIN_LIMIT_BACKLOG = 32_768
+DRAIN_BACKLOG = 2_000  # log records
 _INITIAL_MAP = 1 << 40  # address space only: LMDB files grow with use, not with map size
 _DBS = ("objects", "refs", "zero", "pending", "snapshots", "nodes", "sessions", "files", "meta")
 
@@ -375,6 +381,10 @@ class Store:
             txn.delete(key, db=pending)
         return limit is not None and n >= limit and txn.stat(pending)["entries"] > 0
 
+    def _drain_limit(self, txn: lmdb.Transaction) -> int:
+        backlog = txn.stat(self.db["pending"])["entries"]
+        return DRAIN_LIMIT_BACKLOG if backlog > DRAIN_BACKLOG else DRAIN_LIMIT
+
     def _decref(self, txn: lmdb.Transaction, oid: bytes) -> None:
         raw = txn.get(oid, db=self.db["refs"])
         count = _U64.unpack(raw)[0] if raw else 0
@@ -628,7 +638,8 @@ class Store:
         batches and a ``between`` hook (wait for a pause in the foreground) so commits
         never wait long for the write lock.
         """
-        while self.write(lambda txn: self._drain(txn, limit=batch * 16), "apply references"):
+        while self.write(lambda txn: self._drain(txn, limit=self._drain_limit(txn)),
+                         "apply references"):
             if between:
                 between()
         total_n = total_bytes = 0
