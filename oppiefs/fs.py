@@ -16,12 +16,15 @@ cannot skip open/release for us: pyfuse3's ``read`` gets no inode). A trivial py
 spends most of a request in its trio loop, not in the handler, so ``serve_requests`` runs
 pyfuse3's loop with a fast path: while requests are already queued, a worker takes the
 next one without a round through trio's scheduler and epoll (yielding every ``BURST``
-requests so other tasks still run). Hot handlers translate errors inline (``_error``)
-rather than through a wrapping coroutine, ``open``/``opendir`` resolve nothing (the kernel
-only sends them for inodes it looked up, of the right kind), and reads return zero-copy
-views of cached chunks. When the kernel forgets most of the inode table, the table is
-rebuilt, caches are dropped, ``malloc_trim`` hands the freed heap back to the OS and the
-store's mapped pages are let go (so RSS and drop_caches see them as plain page cache).
+requests so other tasks still run), and it busy-waits ``SPIN_S`` (50 us; OPPIEFS_SPIN_US)
+for the next request before sleeping: a tool walking a tree sends it within microseconds,
+and a sleep/wake-up cycle costs more than the request (warm kernel-tree tar 7.0 -> 4.8 s).
+Hot handlers translate errors inline (``_error``) rather than through a wrapping
+coroutine, ``open``/``opendir`` resolve nothing (the kernel only sends them for inodes it
+looked up, of the right kind), and reads return zero-copy views of cached chunks. When the
+kernel forgets most of the inode table, the table is rebuilt, caches are dropped,
+``malloc_trim`` hands the freed heap back to the OS and the store's mapped pages are let go
+(so RSS and drop_caches see them as plain page cache).
 """
 
 from __future__ import annotations

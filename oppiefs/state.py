@@ -10,7 +10,12 @@ node touch only the kernel's overlay and the host filesystem, never the daemon. 
 record (base snapshot, last commit) and the pin on its base change in one LMDB transaction.
 Order of effects keeps crashes harmless: fork writes the record before mounting (a record
 without a mount is re-attached on the next start), drop unmounts, then removes the record,
-then deletes the directory (a directory without a record is swept on the next start).
+then moves the directory to a trash the background sweeper empties (a directory without a
+record, trash included, is swept on the next start).
+
+GC runs in a background thread (``run_gc``): it applies commits' logged reference
+increments and frees unreferenced objects in short transactions taken in the gaps between
+control commands, so a search loop's fork/commit latency does not carry the sweeping.
 """
 
 from __future__ import annotations
