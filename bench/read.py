@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.corpus import WORK, generated_tree, linux_tree  # noqa: E402
 from oppiefs.client import Client  # noqa: E402
+from tests.mountutil import Daemon as FixtureDaemon  # noqa: E402
 
 PY = sys.executable
 TAR = "tar -cf - . | wc -c"
@@ -77,47 +78,16 @@ def big_file_dir(work: Path, mb: int) -> Path:
 # -- the daemon -------------------------------------------------------------------------------
 
 
-def mounts_under(prefix: Path) -> list[str]:
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            mp = left.split()[4].encode().decode("unicode_escape")
-            if (right.split()[0].startswith("fuse") or right.split()[0] == "overlay") and (
-                    mp == str(prefix) or mp.startswith(f"{prefix}/")
-                    or f"lowerdir={prefix}/" in right):
-                found.append(mp)
-    return sorted(found, key=len, reverse=True)
-
-
-class Daemon:
-    """``oppiefs mount -f`` as a child; ``stop`` always leaves no mount and no process."""
+class Daemon(FixtureDaemon):
+    """The test fixture's daemon (ready signal, no mount or process left behind), plus what
+    the benchmark reads off it: memory, and request counts when started with ``stats``."""
 
     def __init__(self, store: Path, mnt: Path, stats: Path | None = None) -> None:
-        self.store, self.mnt, self.stats = store, mnt, stats
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = store.parent / f"daemon-{mnt.name}.log"
-
-    def start(self) -> Daemon:
-        self.mnt.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
-        env.pop("OPPIEFS_REQUEST_STATS", None)
-        if self.stats:
-            env["OPPIEFS_REQUEST_STATS"] = str(self.stats)
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [PY, "-m", "oppiefs.cli", "mount", "-f", "--store", str(self.store),
-                 str(self.mnt)], stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=REPO,
-                env=env)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"daemon exited: {self.log.read_text()[-2000:]}")
-            if str(self.mnt) in mounts_under(self.mnt) and (self.mnt / "ctl").exists():
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise SystemExit("daemon did not mount within 60 s")
+        env = {k: v for k, v in os.environ.items() if k != "OPPIEFS_REQUEST_STATS"}
+        if stats:
+            env["OPPIEFS_REQUEST_STATS"] = str(stats)
+        super().__init__(mnt, store, env=env)
+        self.stats = stats
 
     @property
     def pid(self) -> int:
@@ -146,27 +116,6 @@ class Daemon:
                     pass  # replaced while reading
             time.sleep(0.01)
         raise SystemExit("daemon did not write its request counts")
-
-    def stop(self) -> None:
-        try:
-            for mp in mounts_under(self.mnt):
-                if mp != str(self.mnt):
-                    subprocess.run(["umount", "-l", mp], capture_output=True)
-            if str(self.mnt) in mounts_under(self.mnt):
-                res = subprocess.run(["fusermount3", "-u", str(self.mnt)], capture_output=True)
-                if res.returncode:
-                    subprocess.run(["umount", "-l", str(self.mnt)], capture_output=True)
-        finally:
-            if self.proc is not None and self.proc.poll() is None:
-                try:
-                    self.proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    self.proc.terminate()
-                    try:
-                        self.proc.wait(10)
-                    except subprocess.TimeoutExpired:
-                        self.proc.kill()
-                        self.proc.wait(10)
 
 
 # -- measurements -----------------------------------------------------------------------------

@@ -96,10 +96,12 @@ class DaemonDied(RuntimeError):
 
 
 class Daemon:
-    def __init__(self, mnt: Path, store: Path, *extra: str) -> None:
+    def __init__(self, mnt: Path, store: Path, *extra: str,
+                 env: dict[str, str] | None = None) -> None:
         self.mnt = Path(mnt)
         self.store = Path(store)
         self.extra = list(extra)
+        self.env = env  # the daemon's environment (None: this process's)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = self.store.parent / f"{self.store.name}-daemon.log"
 
@@ -112,7 +114,8 @@ class Daemon:
         self.proc = subprocess.Popen(
             oppiefs_cmd("mount", "-f", "--notify-fd", str(w), "--store", str(self.store),
                         str(self.mnt), *self.extra),
-            stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, cwd=ROOT, pass_fds=(w,))
+            stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, cwd=ROOT, pass_fds=(w,),
+            env=self.env)
         logf.close()
         os.close(w)
         self.problems = ""
