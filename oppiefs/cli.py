@@ -21,7 +21,7 @@ from typing import Any
 import click
 
 from . import tree
-from .errors import InvalidArgument, OppieError
+from .errors import OppieError
 from .store import Store, default_store_dir
 
 
@@ -98,11 +98,7 @@ def main() -> None:
 def import_cmd(path: Path, skip_special: bool, rehash: bool, store_dir: Path | None,
                as_json: bool) -> None:
     """Import a host directory as a snapshot and print its id."""
-    src = Path(os.path.abspath(path))
-    if not src.exists() and not src.is_symlink():
-        raise tree.NotFound(f"{src}: no such directory")
-    if not src.is_dir():
-        raise InvalidArgument(f"{src}: not a directory")
+    src = tree.host_path_ok(os.path.abspath(path))  # the same checks as ctl's import
     with _open(store_dir, create=True) as store:
         bar = None
         progress = None

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from oppiefs import tree
+from oppiefs.store import Store
 
 
 @pytest.fixture
@@ -36,12 +37,17 @@ def _make(root: Path) -> None:
     (root / "empty").write_bytes(b"")
 
 
-def test_reimport_reads_nothing_unchanged(tmp_path, monkeypatch, fast_trust) -> None:
+def _imported(tmp_path: Path) -> tuple[Path, Store, tree.ImportReport]:
+    """A tree older than the (test-shortened) racy window, imported once."""
     src = tmp_path / "src"
     _make(src)
     time.sleep(0.05)
     store = tree.open_store(tmp_path / "store")
-    first = tree.import_dir(store, src)
+    return src, store, tree.import_dir(store, src)
+
+
+def test_reimport_reads_nothing_unchanged(tmp_path, monkeypatch, fast_trust) -> None:
+    src, store, first = _imported(tmp_path)
     reads = _count_reads(monkeypatch)
     again = tree.import_dir(store, src)
     assert again.root == first.root and reads == []
@@ -52,11 +58,7 @@ def test_reimport_reads_nothing_unchanged(tmp_path, monkeypatch, fast_trust) -> 
 
 def test_changed_file_is_read_even_with_same_size_and_mtime(tmp_path, monkeypatch,
                                                             fast_trust) -> None:
-    src = tmp_path / "src"
-    _make(src)
-    time.sleep(0.05)
-    store = tree.open_store(tmp_path / "store")
-    tree.import_dir(store, src)
+    src, store, _ = _imported(tmp_path)
     victim = src / "d1" / "f5"
     st = victim.stat()
     time.sleep(0.05)
@@ -83,11 +85,7 @@ def test_recent_files_are_not_cached(tmp_path, monkeypatch) -> None:
 
 def test_collected_cached_object_falls_back_to_reading(tmp_path, monkeypatch,
                                                        fast_trust) -> None:
-    src = tmp_path / "src"
-    _make(src)
-    time.sleep(0.05)
-    store = tree.open_store(tmp_path / "store")
-    first = tree.import_dir(store, src)
+    src, store, first = _imported(tmp_path)
     store.release(first.root)
     store.sweep()  # every object is gone; the files cache still names them
     assert store.stats().objects == 0
