@@ -12,6 +12,17 @@ Tree payload (little endian)::
 
 A directory entry's ``size`` is the number of entries below it (so vfs.py can number every
 node of a snapshot in pre-order without opening subtrees). Entries are sorted by name bytes.
+
+A directory of more than ``SPLIT_OVER`` entries is stored as an index over parts, so that a
+commit changing one entry rewrites one part and the index, not the whole directory::
+
+    b"OPTIDX1\n" u64 subtree_bytes u64 subtree_files u32 entries u32 n
+    n x part: 32-byte id, u32 entries
+
+Each part is a tree object (as above; its header counts only its own files) holding a run of
+consecutive entries. Parts end after a name whose crc32 has its low bits clear (or at
+``PART_MAX`` entries), so the cut is content-defined: a pure function of the sorted names,
+unmoved by edits elsewhere in the directory, and equal trees always get equal ids.
 Names are raw bytes (not necessarily UTF-8). ``mode`` holds
 the permission bits (07777). FILE refs name a single chunk (all zero for an empty file);
 CHUNKED refs name a LIST object: b"OPLIST1\\n" then (32-byte chunk id, u32 length) pairs.
@@ -25,11 +36,14 @@ Devices, FIFOs and sockets cannot be represented: refused, or skipped and report
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
+import itertools
 import os
 import stat
 import struct
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +67,10 @@ T_SYMLINK = 4
 TYPE_NAMES = {T_FILE: "file", T_CHUNKED: "file", T_DIR: "dir", T_SYMLINK: "symlink"}
 
 TREE_MAGIC = b"OPTREE1\n"
+INDEX_MAGIC = b"OPTIDX1\n"
+SPLIT_OVER = 128  # directories with more entries are stored in parts
+PART_MASK = 31  # a part ends after a name whose crc32 & PART_MASK == 0: ~32 entries
+PART_MAX = 128
 LIST_MAGIC = b"OPLIST1\n"
 ZERO_ID = bytes(32)
 
@@ -60,6 +78,7 @@ _HEAD = struct.Struct("<QQI")
 _ENTRY = struct.Struct("<BIIIQqH")
 _U16 = struct.Struct("<H")
 _LIST_ITEM = struct.Struct("<32sI")
+_IDX_HEAD = struct.Struct("<QQII")
 
 
 class Entry(NamedTuple):
@@ -94,6 +113,7 @@ class Tree:
     entries: list[Entry]
     total_bytes: int
     total_files: int
+    parts: list[tuple[bytes, int]] | None = None  # (part id, entries) of a split directory
     _index: dict[bytes, int] | None = field(default=None, repr=False)
 
     def index_of(self, name: bytes) -> int | None:
@@ -105,6 +125,37 @@ class Tree:
     def get(self, name: bytes) -> Entry | None:
         i = self.index_of(name)
         return None if i is None else self.entries[i]
+
+    @functools.cached_property
+    def tally(self) -> Tally:
+        """Totals a commit keeps up to date by difference instead of recounting."""
+        files = [e.size for e in self.entries if e.type <= T_CHUNKED]
+        return Tally(self.total_bytes, self.total_files, sum(files), len(files),
+                     subtree_entries(self.entries))
+
+
+@dataclass
+class Tally:
+    """Totals of a directory: file bytes and files below it (recursively), its own files'
+    bytes and count, and the entries below it."""
+
+    bytes: int = 0
+    files: int = 0
+    direct_bytes: int = 0
+    direct_files: int = 0
+    entries: int = 0
+
+    def count(self, e: Entry, sign: int, sub: tuple[int, int] = (0, 0)) -> None:
+        """Add (sign 1) or remove (-1) an entry; ``sub``: a directory's (bytes, files)."""
+        if e.is_file:
+            self.bytes += sign * e.size
+            self.files += sign
+            self.direct_bytes += sign * e.size
+            self.direct_files += sign
+        elif e.is_dir:
+            self.bytes += sign * sub[0]
+            self.files += sign * sub[1]
+        self.entries += sign * (1 + e.size if e.is_dir else 1)
 
 
 # -- codec ----------------------------------------------------------------------------------
@@ -152,10 +203,86 @@ def subtree_entries(entries: list[Entry]) -> int:
     return sum(1 + e.size if e.type == T_DIR else 1 for e in entries)
 
 
-def put_tree(w: Writer, entries: list[Entry], sub_bytes: int, sub_files: int) -> Built:
-    payload, nbytes, nfiles = encode_tree(entries, sub_bytes, sub_files)
-    oid = w.put(KIND_TREE, payload, _entry_refs(entries))
-    return Built(oid, subtree_entries(entries), nbytes, nfiles)
+def put_tree(w: Writer, entries: list[Entry], sub_bytes: int, sub_files: int,
+             base: Tree | None = None, changed: Iterable[bytes] = (),
+             tally: Tally | None = None) -> Built:
+    """Store a directory (split into parts when large).
+
+    ``base`` is the tree this one was derived from and ``changed`` every name added, removed
+    or modified since: parts of ``base`` that no changed name falls into are reused as they
+    are, so a commit costs O(changed parts), not O(directory size). ``tally``: the totals,
+    when the caller kept them (spares passes over every entry).
+    """
+    if len(entries) <= SPLIT_OVER:
+        payload, nbytes, nfiles = encode_tree(entries, sub_bytes, sub_files)
+        oid = w.put(KIND_TREE, payload, _entry_refs(entries))
+        below = tally.entries if tally is not None else subtree_entries(entries)
+        return Built(oid, below, nbytes, nfiles)
+    entries = sorted(entries, key=_name)
+    for a, b in itertools.pairwise(entries):
+        if a.name == b.name:
+            raise InvalidArgument(f"duplicate name {a.name!r} in directory")
+    reusable = _parts_by_range(base)
+    marks = sorted(changed)
+    parts = []
+    for start, end in cut_parts(entries):
+        run = entries[start:end]
+        first, last = run[0].name, run[-1].name
+        oid = reusable.get((first, last, len(run)))
+        i = bisect.bisect_left(marks, first)
+        if oid is None or (i < len(marks) and marks[i] <= last):
+            payload, _, _ = encode_tree(run)
+            oid = w.put(KIND_TREE, payload, _entry_refs(run))
+        parts.append((oid, len(run)))
+    if tally is None:
+        files = [e.size for e in entries if e.type <= T_CHUNKED]
+        tally = Tally(sub_bytes + sum(files), sub_files + len(files),
+                      entries=subtree_entries(entries))
+    payload = b"".join([INDEX_MAGIC,
+                        _IDX_HEAD.pack(tally.bytes, tally.files, len(entries), len(parts)),
+                        *(_LIST_ITEM.pack(oid, n) for oid, n in parts)])
+    oid = w.put(KIND_TREE, payload, [oid for oid, _ in parts])
+    return Built(oid, tally.entries, tally.bytes, tally.files)
+
+
+def _name(e: Entry) -> bytes:
+    return e.name
+
+
+def cut_parts(entries: list[Entry]) -> list[tuple[int, int]]:
+    """Content-defined (start, end) runs of a sorted entry list (see the module doc)."""
+    runs, start = [], 0
+    for i, e in enumerate(entries):
+        if not zlib.crc32(e.name) & PART_MASK or i + 1 - start >= PART_MAX:
+            runs.append((start, i + 1))
+            start = i + 1
+    if start < len(entries):
+        runs.append((start, len(entries)))
+    return runs
+
+
+def _parts_by_range(base: Tree | None) -> dict[tuple[bytes, bytes, int], bytes]:
+    """(first name, last name, entries) -> part id of a split tree: with no changed name in
+    that range, a run with the same ends and length holds exactly the same entries."""
+    if base is None or base.parts is None:
+        return {}
+    out, pos = {}, 0
+    for oid, n in base.parts:
+        out[(base.entries[pos].name, base.entries[pos + n - 1].name, n)] = oid
+        pos += n
+    return out
+
+
+def decode_index(payload: bytes) -> tuple[int, int, int, list[tuple[bytes, int]]]:
+    """A split directory's index -> (subtree bytes, subtree files, entries, parts)."""
+    try:
+        total_bytes, total_files, n, nparts = _IDX_HEAD.unpack_from(payload, 8)
+    except struct.error as exc:
+        raise Corrupt(f"truncated tree index: {exc}") from exc
+    body = payload[8 + _IDX_HEAD.size:]
+    if payload[:8] != INDEX_MAGIC or len(body) != nparts * _LIST_ITEM.size:
+        raise Corrupt("not a tree index object")
+    return total_bytes, total_files, n, list(_LIST_ITEM.iter_unpack(body))
 
 
 def decode_tree(payload: bytes) -> Tree:
@@ -205,6 +332,8 @@ def children_of(kind: bytes, payload: bytes) -> list[bytes]:
         return []
     if kind == KIND_LIST:
         return [oid for oid, _ in decode_list(payload)]
+    if kind == KIND_TREE and payload[:8] == INDEX_MAGIC:
+        return [oid for oid, _ in decode_index(payload)[3]]
     if kind == KIND_TREE:
         return _entry_refs(decode_tree(payload).entries)
     raise Corrupt(f"unknown object kind {kind!r}")
@@ -252,10 +381,25 @@ class Reader:
         self._filemap = functools.lru_cache(maxsize=lists)(self._list)
 
     def _tree(self, oid: bytes) -> Tree:
+        payload = self._tree_payload(oid)
+        if payload[:8] != INDEX_MAGIC:
+            return decode_tree(payload)
+        total_bytes, total_files, n, parts = decode_index(payload)
+        entries: list[Entry] = []
+        for part, count in parts:
+            run = decode_tree(self._tree_payload(part)).entries
+            if len(run) != count or not run or (entries and entries[-1].name >= run[0].name):
+                raise Corrupt(f"part {part.hex()} does not fit tree index {oid.hex()}")
+            entries += run
+        if len(entries) != n:
+            raise Corrupt(f"tree index {oid.hex()} miscounts its entries")
+        return Tree(entries, total_bytes, total_files, parts)
+
+    def _tree_payload(self, oid: bytes) -> bytes:
         kind, payload = self.store.get(oid)
         if kind != KIND_TREE:
             raise Corrupt(f"object {oid.hex()} is not a tree")
-        return decode_tree(payload)
+        return payload
 
     def _list(self, oid: bytes) -> FileMap:
         kind, payload = self.store.get(oid)
@@ -631,28 +775,33 @@ def apply_upper(reader: Reader, w: Writer, base: bytes | None, upper: bytes,
 
     A pure function of (parent tree, upper dir): unchanged entries are reused as they are
     (their objects are pinned by the node's base snapshot), only directories on changed
-    paths are re-encoded, and subtree totals are updated by difference (the cost of a
-    commit follows the size of the change, never the size of the tree).
+    paths are re-encoded (of a large directory, only the parts holding a changed name), and
+    totals are kept by difference (the cost of a commit follows the size of the change,
+    never the size of the tree).
     """
-    if base is not None:
-        lower = reader.tree(base)
+    lower = reader.tree(base) if base is not None else None
+    if lower is not None:
         merged = {e.name: e for e in lower.entries}
-        totals = [lower.total_bytes, lower.total_files]
+        tally = dataclasses.replace(lower.tally)
     else:
-        merged, totals = {}, [0, 0]
+        merged, tally = {}, Tally()
 
     def drop(name: bytes) -> None:
         old = merged.pop(name, None)
-        if old is not None and old.is_file:
-            totals[0] -= old.size
-            totals[1] -= 1
-        elif old is not None and old.is_dir:
+        if old is not None and old.is_dir:
             t = reader.tree(old.ref)
-            totals[0] -= t.total_bytes
-            totals[1] -= t.total_files
+            tally.count(old, -1, (t.total_bytes, t.total_files))
+        elif old is not None:
+            tally.count(old, -1)
 
+    def add(e: Entry, sub: tuple[int, int] = (0, 0)) -> None:
+        merged[e.name] = e
+        tally.count(e, 1, sub)
+
+    changed = []
     for item in scan(upper):
         name, st = item.name, item.st
+        changed.append(name)
         low = merged.get(name)
         drop(name)
         if item.kind == "whiteout":
@@ -660,26 +809,20 @@ def apply_upper(reader: Reader, w: Writer, base: bytes | None, upper: bytes,
         if item.kind in ("dir", "opaque-dir"):
             below = low.ref if item.kind == "dir" and low is not None and low.is_dir else None
             sub = apply_upper(reader, w, below, item.path, scan)
-            merged[name] = entry_from_stat(name, st, T_DIR, sub.oid, sub.entries)
-            totals[0] += sub.bytes
-            totals[1] += sub.files
+            add(entry_from_stat(name, st, T_DIR, sub.oid, sub.entries), (sub.bytes, sub.files))
         elif item.kind == "symlink":
             try:
                 target = os.readlink(item.path)
             except OSError as exc:
                 raise from_oserror(exc, os.fsdecode(item.path)) from exc
-            merged[name] = entry_from_stat(name, st, T_SYMLINK, size=len(target), target=target)
+            add(entry_from_stat(name, st, T_SYMLINK, size=len(target), target=target))
         elif item.kind == "file":
             try:
                 etype, ref, size = store_file(w, item.path)
             except OSError as exc:
                 raise from_oserror(exc, os.fsdecode(item.path)) from exc
-            merged[name] = entry_from_stat(name, st, etype, ref, size)
-            totals[0] += size
-            totals[1] += 1
+            add(entry_from_stat(name, st, etype, ref, size))
         else:
             raise Unsupported(f"{os.fsdecode(item.path)}: unknown upper entry {item.kind}")
-    entries = list(merged.values())
-    direct_bytes = sum(e.size for e in entries if e.is_file)
-    direct_files = sum(1 for e in entries if e.is_file)
-    return put_tree(w, entries, totals[0] - direct_bytes, totals[1] - direct_files)
+    return put_tree(w, list(merged.values()), tally.bytes - tally.direct_bytes,
+                    tally.files - tally.direct_files, lower, changed, tally)
