@@ -6,7 +6,8 @@ fact that must change together changes in one write transaction.
 
 Named databases:
   objects    oid -> kind byte + payload; oid = blake3(payload), verified on every read
-  refs       oid -> u64 count of references from other objects and snapshot records
+  slots      oid -> 8-byte big-endian slot, given in creation order
+  counts     slot -> u64 count of references from other objects and snapshot records
   zero       oid -> u64 generation at which the object became (or was found) unreferenced;
              the sweeper's work list, so GC never scans the whole store
   pending    u64 sequence -> concatenated child oids: reference increments logged by the
@@ -15,7 +16,7 @@ Named databases:
   nodes      node name -> JSON record (owned by state.py, stored here for atomicity)
   files      host path -> what an import last read there (tree.py's files cache)
   sessions   u64 session id -> JSON {pid, gen}: in-flight imports/commits
-  meta       counters: gen, objects, stored_bytes
+  meta       counters: gen, objects, stored_bytes, slot, pseq
 
 GC safety: a new object starts at count 0 and is listed in ``zero`` with the current
 generation. The sweeper deletes a zero-count object only if it became unreferenced before
@@ -26,8 +27,14 @@ same transaction as the last object writes. Sessions of dead processes are disca
 Why the increment log: re-encoding a directory of N entries adds N edges, and bumping N
 counts spread over random B-tree pages made every commit write megabytes. The publishing
 transaction instead appends the increments to ``pending`` (sequential pages); the
-reference state is ``refs`` + ``pending``, changed atomically, and every sweep transaction
+reference state is ``counts`` + ``pending``, changed atomically, and every sweep transaction
 first applies the whole log, so counts are exact whenever a deletion is decided.
+
+Why counts are keyed by slot, not by id: ids are random, so the counts of one directory's
+children would sit on as many B-tree pages as there are children, and in a large store a
+drain or sweep wrote a page per count. Slots follow creation order, and objects created
+together (a directory's files, an import's subtree) are referenced together, so a drain
+of a commit's increments rewrites a few pages of ``counts``, not hundreds.
 
 Children of TREE and LIST objects are needed to adjust counts; the codec lives in tree.py
 and is injected as ``children_of`` so this module knows nothing about tree layout.
@@ -72,7 +79,8 @@ DRAIN_LIMIT = 512
 DRAIN_LIMIT_BACKLOG = 32_768
 DRAIN_BACKLOG = 2_000  # log records
 _INITIAL_MAP = 1 << 40  # address space only: LMDB files grow with use, not with map size
-_DBS = ("objects", "refs", "zero", "pending", "snapshots", "nodes", "sessions", "files", "meta")
+_DBS = ("objects", "slots", "counts", "zero", "pending", "snapshots", "nodes", "sessions",
+        "files", "meta", "refs")  # refs: the layout before slots, migrated on open
 
 
 _WILLNEED_MIN = 16 * 1024
@@ -217,6 +225,20 @@ class Store:
         except OSError as exc:
             raise OppieError(f"store {self.path}: {exc.strerror or exc}") from exc
         self.db = {name: self.env.open_db(name.encode()) for name in _DBS}
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Move counts of a store written before slots existed (refs: oid -> count)."""
+        with self.env.begin() as txn:
+            if not txn.stat(self.db["refs"])["entries"]:
+                return
+
+        def fn(txn: lmdb.Transaction) -> None:
+            for oid, raw in txn.cursor(db=self.db["refs"]):
+                self._new_slot(txn, oid, _U64.unpack(raw)[0])
+            txn.drop(self.db["refs"], delete=False)
+
+        self.write(fn, "migrate reference counts")
 
     def close(self) -> None:
         self.env.close()
@@ -313,15 +335,16 @@ class Store:
 
     def exists(self, oid: bytes) -> bool:
         with self.env.begin() as txn:
-            return txn.get(oid, db=self.db["refs"]) is not None
+            return txn.get(oid, db=self.db["slots"]) is not None
 
     def refcount(self, oid: bytes) -> int:
         """Current count, including increments logged but not yet applied."""
         with self.env.begin() as txn:
-            raw = txn.get(oid, db=self.db["refs"])
+            slot = txn.get(oid, db=self.db["slots"])
+            count = self._count_at(txn, slot) if slot is not None else 0
             logged = sum(raw_log[i:i + 32] == oid for _, raw_log in txn.cursor(
                 db=self.db["pending"]) for i in range(0, len(raw_log), 32))
-        return (_U64.unpack(raw)[0] if raw else 0) + logged
+        return count + logged
 
     # -- reference counting (inside a caller's write txn) ------------------------------
 
@@ -332,22 +355,37 @@ class Store:
     def _set_meta_int(self, txn: lmdb.Transaction, key: bytes, value: int) -> None:
         txn.put(key, _U64.pack(value), db=self.db["meta"])
 
-    def _incref(self, txn: lmdb.Transaction, oid: bytes, by: int = 1) -> None:
-        raw = txn.get(oid, db=self.db["refs"])
+    def _count_at(self, txn: lmdb.Transaction, slot: bytes) -> int:
+        raw = txn.get(slot, db=self.db["counts"])
         if raw is None:
+            raise Corrupt(f"reference count of slot {slot.hex()} is missing")
+        return int(_U64.unpack(raw)[0])
+
+    def _new_slot(self, txn: lmdb.Transaction, oid: bytes, count: int) -> None:
+        """Give a new object the next slot (appended: the last page of ``counts``)."""
+        n = self._meta_int(txn, b"slot") + 1
+        self._set_meta_int(txn, b"slot", n)
+        slot = n.to_bytes(8, "big")
+        txn.put(oid, slot, db=self.db["slots"])
+        if not txn.put(slot, _U64.pack(count), db=self.db["counts"], append=True):
+            raise Corrupt("reference count slots out of order")
+
+    def _incref(self, txn: lmdb.Transaction, oid: bytes, by: int = 1) -> None:
+        slot = txn.get(oid, db=self.db["slots"])
+        if slot is None:
             raise Corrupt(f"reference to missing object {oid.hex()}")
-        count = _U64.unpack(raw)[0]
+        count = self._count_at(txn, slot)
         if count == 0:
             txn.delete(oid, db=self.db["zero"])
-        txn.put(oid, _U64.pack(count + by), db=self.db["refs"])
+        txn.put(slot, _U64.pack(count + by), db=self.db["counts"])
 
     def _log_increments(self, txn: lmdb.Transaction, children: list[bytes]) -> None:
         """Record +1 for each child (applied by ``_drain``); children must exist."""
         if not children:
             return
-        refs = self.db["refs"]
+        slots = self.db["slots"]
         for child in children:
-            if txn.get(child, db=refs) is None:
+            if txn.get(child, db=slots) is None:
                 raise Corrupt(f"reference to missing object {child.hex()}")
         seq = self._meta_int(txn, b"pseq") + 1
         self._set_meta_int(txn, b"pseq", seq)
@@ -386,11 +424,11 @@ class Store:
         return DRAIN_LIMIT_BACKLOG if backlog > DRAIN_BACKLOG else DRAIN_LIMIT
 
     def _decref(self, txn: lmdb.Transaction, oid: bytes) -> None:
-        raw = txn.get(oid, db=self.db["refs"])
-        count = _U64.unpack(raw)[0] if raw else 0
-        if count == 0:
+        slot = txn.get(oid, db=self.db["slots"])
+        count = self._count_at(txn, slot) if slot is not None else 0
+        if slot is None or count == 0:
             raise Corrupt(f"reference count underflow on object {oid.hex()}")
-        txn.put(oid, _U64.pack(count - 1), db=self.db["refs"])
+        txn.put(slot, _U64.pack(count - 1), db=self.db["counts"])
         if count == 1:
             txn.put(oid, _U64.pack(self._meta_int(txn, b"gen")), db=self.db["zero"])
 
@@ -404,9 +442,9 @@ class Store:
         go through the increment log. Existence is checked on the 8-byte count, so a dedup
         hit never faults in object data.
         """
-        refs, zero = self.db["refs"], self.db["zero"]
+        slots, zero = self.db["slots"], self.db["zero"]
         for oid in reused:  # taken from the files cache, without their bytes
-            if txn.get(oid, db=refs) is None:
+            if txn.get(oid, db=slots) is None:
                 raise StaleCache(f"cached object {oid.hex()} has been collected")
             if txn.get(oid, db=zero) is not None:
                 txn.put(oid, _U64.pack(gen), db=zero)
@@ -414,7 +452,7 @@ class Store:
             txn.put(key, value, db=self.db["files"])
         new: Batch = {}
         for oid, item in batch.items():
-            if txn.get(oid, db=refs) is None:
+            if txn.get(oid, db=slots) is None:
                 new[oid] = item
                 continue
             if txn.get(oid, db=zero) is not None:
@@ -434,7 +472,7 @@ class Store:
         for oid, (kind, payload, _) in new.items():
             count = inside.get(oid, 0)
             txn.put(oid, kind + payload, db=objects)
-            txn.put(oid, _U64.pack(count), db=refs)
+            self._new_slot(txn, oid, count)
             if not count:
                 txn.put(oid, _U64.pack(gen), db=zero)
             nbytes += len(payload)
@@ -665,7 +703,10 @@ class Store:
         for oid in victims:
             raw = txn.get(oid, db=self.db["objects"])
             txn.delete(oid, db=self.db["zero"])
-            txn.delete(oid, db=self.db["refs"])
+            slot = txn.get(oid, db=self.db["slots"])
+            if slot is not None:
+                txn.delete(oid, db=self.db["slots"])
+                txn.delete(slot, db=self.db["counts"])
             if raw is None:
                 continue
             txn.delete(oid, db=self.db["objects"])
@@ -741,7 +782,11 @@ class Store:
             expected[rec.root] = expected.get(rec.root, 0) + 1
         for oid in expected.keys() - present:
             findings.append(f"missing object {oid.hex()} (referenced {expected[oid]} times)")
-        actual = {k: _U64.unpack(v)[0] for k, v in txn.cursor(db=self.db["refs"])}
+        counts = {k: _U64.unpack(v)[0] for k, v in txn.cursor(db=self.db["counts"])}
+        actual = {oid: counts.pop(slot, 0) for oid, slot in txn.cursor(db=self.db["slots"])}
+        if counts:
+            findings.append(f"reference count table drift: {len(counts)} counts without an "
+                            "object")
         for _, raw in txn.cursor(db=self.db["pending"]):  # logged, not yet applied
             for i in range(0, len(raw), 32):
                 actual[raw[i:i + 32]] = actual.get(raw[i:i + 32], 0) + 1
@@ -786,11 +831,12 @@ class Store:
                 expected[rec.root] -= 1
             else:
                 txn.put(rec.root, rec.encode(), db=self.db["snapshots"])
-        for name in ("refs", "zero", "pending"):
+        for name in ("slots", "counts", "zero", "pending"):
             txn.drop(self.db[name], delete=False)
-        for oid in present:
+        self._set_meta_int(txn, b"slot", 0)
+        for oid in sorted(present):
             count = expected.get(oid, 0)
-            txn.put(oid, _U64.pack(count), db=self.db["refs"])
+            self._new_slot(txn, oid, count)
             if count == 0:
                 txn.put(oid, _U64.pack(gen), db=self.db["zero"])
         self._set_meta_int(txn, b"objects", len(present))

@@ -30,7 +30,7 @@ def _damage(store_dir: Path, snap: str, seed: str) -> tuple[bytes, bytes]:
     """Bump one chunk's count, add a phantom pin, plant an unqueued orphan; returns
     (bumped chunk id, orphan id)."""
     with tree.open_store(store_dir, create=False) as st:
-        st.sweep()  # apply logged increments, so ``refs`` holds the real counts
+        st.sweep()  # apply logged increments, so ``counts`` holds the real counts
         root = bytes.fromhex(snap)
         reader = tree.Reader(st)
         victim = reader.filemap(reader.lookup(root, "files/text.txt")).oids[0]
@@ -38,13 +38,14 @@ def _damage(store_dir: Path, snap: str, seed: str) -> tuple[bytes, bytes]:
         orphan = oid_of(payload)
 
         def fn(txn: Any) -> None:  # an lmdb transaction
-            raw = txn.get(victim, db=st.db["refs"])
-            txn.put(victim, U64.pack(U64.unpack(raw)[0] + 1), db=st.db["refs"])
+            slot = txn.get(victim, db=st.db["slots"])
+            raw = txn.get(slot, db=st.db["counts"])
+            txn.put(slot, U64.pack(U64.unpack(raw)[0] + 1), db=st.db["counts"])
             rec = SnapshotRecord.decode(root, txn.get(root, db=st.db["snapshots"]))
             rec.pins += 1
             txn.put(root, rec.encode(), db=st.db["snapshots"])
             txn.put(orphan, KIND_CHUNK + payload, db=st.db["objects"])
-            txn.put(orphan, U64.pack(0), db=st.db["refs"])  # count 0, but not in ``zero``
+            st._new_slot(txn, orphan, 0)  # count 0, but not in ``zero``
 
         st.write(fn, "test damage")
     return victim, orphan

@@ -111,3 +111,28 @@ def test_commit_logs_increments_and_drain_applies_them(store: Store, tmp_path: P
     assert store.refcount(shared[0]) == 2
     assert reader.read_all(reader.lookup(built.oid, "big/f007")) == b"changed"
     assert store.check() == []
+
+
+def test_store_of_the_layout_before_slots_is_migrated(tmp_path: Path) -> None:
+    """Counts of a store written before slots (refs: oid -> count) move over on open."""
+    src = _tree(tmp_path / "a", {f"d/f{j}": os.urandom(2000) for j in range(30)})
+    with tree.open_store(tmp_path / "store") as s:
+        rep = tree.import_dir(s, src)
+        s.sweep()
+
+        def to_old_layout(txn) -> None:
+            for oid, slot in txn.cursor(db=s.db["slots"]):
+                txn.put(oid, txn.get(slot, db=s.db["counts"]), db=s.db["refs"])
+            txn.drop(s.db["slots"], delete=False)
+            txn.drop(s.db["counts"], delete=False)
+
+        s.write(to_old_layout)
+    with tree.open_store(tmp_path / "store") as s:
+        with s.env.begin() as txn:
+            assert txn.stat(s.db["refs"])["entries"] == 0
+            counts = {oid: s.refcount(oid) for oid, _ in txn.cursor(db=s.db["slots"])}
+        assert len(counts) == s.stats().objects and counts[rep.root] == 1
+        assert s.check() == []
+        s.release(rep.root)
+        s.sweep()
+        assert s.stats().objects == 0 and s.check() == []
