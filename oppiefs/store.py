@@ -5,8 +5,8 @@ processes (daemon + offline CLI) can share it. Every durable fact lives here, an
 fact that must change together changes in one write transaction.
 
 Named databases:
-  objects    oid -> kind byte + payload; oid = blake3(payload), verified on every read
   slots      oid -> 8-byte big-endian slot, given in creation order
+  data       slot -> kind byte + payload; oid = blake3(payload), verified on every read
   counts     slot -> u64 count of references from other objects and snapshot records
   zero       oid -> u64 generation at which the object became (or was found) unreferenced;
              the sweeper's work list, so GC never scans the whole store
@@ -30,11 +30,13 @@ transaction instead appends the increments to ``pending`` (sequential pages); th
 reference state is ``counts`` + ``pending``, changed atomically, and every sweep transaction
 first applies the whole log, so counts are exact whenever a deletion is decided.
 
-Why counts are keyed by slot, not by id: ids are random, so the counts of one directory's
-children would sit on as many B-tree pages as there are children, and in a large store a
-drain or sweep wrote a page per count. Slots follow creation order, and objects created
-together (a directory's files, an import's subtree) are referenced together, so a drain
-of a commit's increments rewrites a few pages of ``counts``, not hundreds.
+Why data and counts are keyed by slot, not by id: ids are random, so every new object
+landed on its own B-tree page and the counts of one directory's children sat on as many
+pages as there are children; in a large store a commit, drain or sweep wrote a page per
+object or count. Slots follow creation order: a commit's new objects are appended to the
+last pages, and objects created together (a directory's files, an import's subtree) are
+referenced together, so a drain rewrites a few pages of ``counts``, not hundreds. Only
+``slots`` is random (one page per new object); reads pay one extra B-tree lookup.
 
 Children of TREE and LIST objects are needed to adjust counts; the codec lives in tree.py
 and is injected as ``children_of`` so this module knows nothing about tree layout.
@@ -79,8 +81,9 @@ DRAIN_LIMIT = 512
 DRAIN_LIMIT_BACKLOG = 32_768
 DRAIN_BACKLOG = 2_000  # log records
 _INITIAL_MAP = 1 << 40  # address space only: LMDB files grow with use, not with map size
-_DBS = ("objects", "slots", "counts", "zero", "pending", "snapshots", "nodes", "sessions",
-        "files", "meta", "refs")  # refs: the layout before slots, migrated on open
+_DBS = ("slots", "data", "counts", "zero", "pending", "snapshots", "nodes", "sessions",
+        "files", "meta",
+        "objects", "refs")  # oid -> object and oid -> count: older layouts, migrated on open
 
 
 _WILLNEED_MIN = 16 * 1024
@@ -228,17 +231,25 @@ class Store:
         self._migrate()
 
     def _migrate(self) -> None:
-        """Move counts of a store written before slots existed (refs: oid -> count)."""
+        """Move a store of an older layout (objects keyed by id; counts keyed by id) to
+        slots, in one transaction."""
         with self.env.begin() as txn:
-            if not txn.stat(self.db["refs"])["entries"]:
+            if not txn.stat(self.db["objects"])["entries"]:
                 return
 
         def fn(txn: lmdb.Transaction) -> None:
-            for oid, raw in txn.cursor(db=self.db["refs"]):
-                self._new_slot(txn, oid, _U64.unpack(raw)[0])
-            txn.drop(self.db["refs"], delete=False)
+            old_counts = self.db["refs"]
+            for oid, raw in txn.cursor(db=self.db["objects"]):
+                slot = txn.get(oid, db=self.db["slots"])
+                if slot is None:
+                    count = txn.get(oid, db=old_counts)
+                    slot = self._new_slot(txn, oid, _U64.unpack(count)[0] if count else 0)
+                txn.put(slot, raw, db=self.db["data"])
+            txn.drop(self.db["objects"], delete=False)
+            txn.drop(old_counts, delete=False)
 
-        self.write(fn, "migrate reference counts")
+        log.info("migrating store %s to slot-keyed objects", self.path)
+        self.write(fn, "migrate store layout")
 
     def close(self) -> None:
         self.env.close()
@@ -297,7 +308,8 @@ class Store:
         MADV_WILLNEED first, which reads it in one request.
         """
         with self.env.begin(buffers=True) as txn:
-            view = txn.get(oid, db=self.db["objects"])
+            slot = txn.get(oid, db=self.db["slots"])
+            view = None if slot is None else txn.get(slot, db=self.db["data"])
             if view is None:
                 raise Corrupt(f"object {oid.hex()} is missing from the store")
             if len(view) >= _WILLNEED_MIN:
@@ -361,14 +373,15 @@ class Store:
             raise Corrupt(f"reference count of slot {slot.hex()} is missing")
         return int(_U64.unpack(raw)[0])
 
-    def _new_slot(self, txn: lmdb.Transaction, oid: bytes, count: int) -> None:
-        """Give a new object the next slot (appended: the last page of ``counts``)."""
+    def _new_slot(self, txn: lmdb.Transaction, oid: bytes, count: int) -> bytes:
+        """Give a new object the next slot, with its count (appended: the last page)."""
         n = self._meta_int(txn, b"slot") + 1
         self._set_meta_int(txn, b"slot", n)
         slot = n.to_bytes(8, "big")
         txn.put(oid, slot, db=self.db["slots"])
         if not txn.put(slot, _U64.pack(count), db=self.db["counts"], append=True):
             raise Corrupt("reference count slots out of order")
+        return slot
 
     def _incref(self, txn: lmdb.Transaction, oid: bytes, by: int = 1) -> None:
         slot = txn.get(oid, db=self.db["slots"])
@@ -468,11 +481,12 @@ class Store:
                 else:
                     outside.append(child)
         nbytes = 0
-        objects = self.db["objects"]
+        data = self.db["data"]
         for oid, (kind, payload, _) in new.items():
             count = inside.get(oid, 0)
-            txn.put(oid, kind + payload, db=objects)
-            self._new_slot(txn, oid, count)
+            slot = self._new_slot(txn, oid, count)
+            if not txn.put(slot, kind + payload, db=data, append=True):
+                raise Corrupt("object slots out of order")
             if not count:
                 txn.put(oid, _U64.pack(gen), db=zero)
             nbytes += len(payload)
@@ -484,14 +498,15 @@ class Store:
 
     def _heal(self, txn: lmdb.Transaction, oid: bytes, kind: bytes, payload: bytes) -> None:
         """Rewrite a stored copy that no longer matches its id with the good bytes at hand."""
-        stored = txn.get(oid, db=self.db["objects"])
+        slot = txn.get(oid, db=self.db["slots"])
+        stored = txn.get(slot, db=self.db["data"])
         if stored is not None and stored[:1] == kind and oid_of(stored[1:]) == oid:
             return
-        txn.put(oid, kind + payload, db=self.db["objects"])
-        if stored is not None:
-            delta = len(payload) - (len(stored) - 1)
-            self._set_meta_int(txn, b"stored_bytes",
-                               self._meta_int(txn, b"stored_bytes") + delta)
+        txn.put(slot, kind + payload, db=self.db["data"])
+        if stored is None:  # lost, not damaged
+            self._set_meta_int(txn, b"objects", self._meta_int(txn, b"objects") + 1)
+        delta = len(payload) - (len(stored) - 1 if stored is not None else 0)
+        self._set_meta_int(txn, b"stored_bytes", self._meta_int(txn, b"stored_bytes") + delta)
         log.warning("healed corrupt object %s", oid.hex())
 
     # -- sessions -------------------------------------------------------------------------
@@ -600,7 +615,7 @@ class Store:
                 txn.put(key, json.dumps(node[1]).encode(), db=self.db["nodes"])
             rec = self._get_snapshot(txn, root)
             if rec is None:
-                if txn.get(root, db=self.db["objects"]) is None:
+                if txn.get(root, db=self.db["slots"]) is None:
                     raise Corrupt(f"cannot publish missing tree {root.hex()}")
                 rec = SnapshotRecord(root, 0, 0, parent, time.time(), logical_bytes, files)
                 self._incref(txn, root)
@@ -699,24 +714,26 @@ class Store:
                 victims.append(oid)
                 if len(victims) >= batch:
                     break
-        nbytes = 0
+        nbytes = freed = 0
         for oid in victims:
-            raw = txn.get(oid, db=self.db["objects"])
             txn.delete(oid, db=self.db["zero"])
             slot = txn.get(oid, db=self.db["slots"])
-            if slot is not None:
-                txn.delete(oid, db=self.db["slots"])
-                txn.delete(slot, db=self.db["counts"])
+            if slot is None:
+                continue
+            raw = txn.get(slot, db=self.db["data"])
+            txn.delete(oid, db=self.db["slots"])
+            txn.delete(slot, db=self.db["counts"])
             if raw is None:
                 continue
-            txn.delete(oid, db=self.db["objects"])
+            txn.delete(slot, db=self.db["data"])
+            freed += 1
             nbytes += len(raw) - 1
             kind, payload = raw[:1], raw[1:]
             if kind != KIND_CHUNK:
                 for child in self.children_of(kind, payload):
                     self._decref(txn, child)
         if victims:
-            self._set_meta_int(txn, b"objects", self._meta_int(txn, b"objects") - len(victims))
+            self._set_meta_int(txn, b"objects", self._meta_int(txn, b"objects") - freed)
             self._set_meta_int(txn, b"stored_bytes",
                                self._meta_int(txn, b"stored_bytes") - nbytes)
         more = len(victims) >= batch or (
@@ -765,7 +782,12 @@ class Store:
         expected: dict[bytes, int] = {}
         present: set[bytes] = set()
         nbytes = 0
-        for oid, raw in txn.cursor(db=self.db["objects"]):
+        slots: dict[bytes, bytes] = dict(txn.cursor(db=self.db["slots"]))  # oid -> slot
+        for oid, slot in slots.items():
+            raw = txn.get(slot, db=self.db["data"])
+            if raw is None:
+                findings.append(f"object {oid.hex()} is recorded but its data is missing")
+                continue
             kind, payload = raw[:1], raw[1:]
             present.add(oid)
             nbytes += len(payload)
@@ -783,10 +805,14 @@ class Store:
         for oid in expected.keys() - present:
             findings.append(f"missing object {oid.hex()} (referenced {expected[oid]} times)")
         counts = {k: _U64.unpack(v)[0] for k, v in txn.cursor(db=self.db["counts"])}
-        actual = {oid: counts.pop(slot, 0) for oid, slot in txn.cursor(db=self.db["slots"])}
+        actual = {oid: counts.pop(slot, 0) for oid, slot in slots.items()}
         if counts:
             findings.append(f"reference count table drift: {len(counts)} counts without an "
                             "object")
+        stray = set(txn.cursor(db=self.db["data"]).iternext(keys=True, values=False))
+        stray -= set(slots.values())
+        if stray:
+            findings.append(f"{len(stray)} stored objects have no id record (unreachable)")
         for _, raw in txn.cursor(db=self.db["pending"]):  # logged, not yet applied
             for i in range(0, len(raw), 32):
                 actual[raw[i:i + 32]] = actual.get(raw[i:i + 32], 0) + 1
@@ -818,11 +844,16 @@ class Store:
             if any(f.startswith("corrupt object") for f in findings):
                 for oid, have in actual.items():
                     expected[oid] = max(expected.get(oid, 0), have)
-            self._repair(txn, expected, present, nbytes, pins, snaps)
+            self._repair(txn, expected, present, nbytes, pins, snaps, slots, stray)
         return findings
 
     def _repair(self, txn: lmdb.Transaction, expected: dict[bytes, int], present: set[bytes],
-                nbytes: int, pins: dict[str, int], snaps: list[SnapshotRecord]) -> None:
+                nbytes: int, pins: dict[str, int], snaps: list[SnapshotRecord],
+                slots: dict[bytes, bytes], stray: set[bytes]) -> None:
+        """Rewrite counts, pins and the work lists from the recount. Slots stay (the data
+        is keyed by them), also of an id whose data is gone: like a corrupt copy, it stays
+        reported until ``import --rehash`` of its content stores it again. Unreachable data
+        is deleted."""
         gen = self._meta_int(txn, b"gen")
         for rec in snaps:
             rec.pins = pins.get(rec.id, 0)
@@ -831,14 +862,15 @@ class Store:
                 expected[rec.root] -= 1
             else:
                 txn.put(rec.root, rec.encode(), db=self.db["snapshots"])
-        for name in ("slots", "counts", "zero", "pending"):
+        for name in ("counts", "zero", "pending"):
             txn.drop(self.db[name], delete=False)
-        self._set_meta_int(txn, b"slot", 0)
-        for oid in sorted(present):
+        for oid, slot in slots.items():
             count = expected.get(oid, 0)
-            self._new_slot(txn, oid, count)
+            txn.put(slot, _U64.pack(count), db=self.db["counts"])
             if count == 0:
                 txn.put(oid, _U64.pack(gen), db=self.db["zero"])
+        for slot in stray:
+            txn.delete(slot, db=self.db["data"])
         self._set_meta_int(txn, b"objects", len(present))
         self._set_meta_int(txn, b"stored_bytes", nbytes)
 

@@ -44,8 +44,8 @@ def _damage(store_dir: Path, snap: str, seed: str) -> tuple[bytes, bytes]:
             rec = SnapshotRecord.decode(root, txn.get(root, db=st.db["snapshots"]))
             rec.pins += 1
             txn.put(root, rec.encode(), db=st.db["snapshots"])
-            txn.put(orphan, KIND_CHUNK + payload, db=st.db["objects"])
-            st._new_slot(txn, orphan, 0)  # count 0, but not in ``zero``
+            slot = st._new_slot(txn, orphan, 0)  # count 0, but not in ``zero``
+            txn.put(slot, KIND_CHUNK + payload, db=st.db["data"])
 
         st.write(fn, "test damage")
     return victim, orphan
@@ -53,7 +53,8 @@ def _damage(store_dir: Path, snap: str, seed: str) -> tuple[bytes, bytes]:
 
 def _present(store_dir: Path, oid: bytes) -> bool:
     with tree.open_store(store_dir, create=False) as st, st.env.begin() as txn:
-        return txn.get(oid, db=st.db["objects"]) is not None
+        slot = txn.get(oid, db=st.db["slots"])
+        return slot is not None and txn.get(slot, db=st.db["data"]) is not None
 
 
 def _expect_findings(cli: Cli, snap: str, victim: bytes, orphan: bytes) -> list[str]:

@@ -139,9 +139,10 @@ def test_damaged_part_is_reported(store: Store, tmp_path: Path) -> None:
     victim = parts[len(parts) // 2][0]
 
     def flip(txn) -> None:
-        raw = bytearray(txn.get(victim, db=store.db["objects"]))
+        slot = txn.get(victim, db=store.db["slots"])
+        raw = bytearray(txn.get(slot, db=store.db["data"]))
         raw[-1] ^= 0xFF
-        txn.put(victim, bytes(raw), db=store.db["objects"])
+        txn.put(slot, bytes(raw), db=store.db["data"])
 
     store.write(flip)
     with pytest.raises(Corrupt):
