@@ -19,6 +19,8 @@ next one without a round through trio's scheduler and epoll (yielding every ``BU
 requests so other tasks still run), and it busy-waits ``SPIN_S`` (50 us; OPPIEFS_SPIN_US)
 for the next request before sleeping: a tool walking a tree sends it within microseconds,
 and a sleep/wake-up cycle costs more than the request (warm kernel-tree tar 7.0 -> 4.8 s).
+pyfuse3's read lock is replaced by a barging one (``_FastLock``): with its fair lock, two
+workers traded the lock on every request, a scheduler pass each (tar 4.8 -> 3.4 s).
 Hot handlers translate errors inline (``_error``) rather than through a wrapping
 coroutine, ``open``/``opendir`` resolve nothing (the kernel only sends them for inodes it
 looked up, of the right kind), and reads return zero-copy views of cached chunks. When the
@@ -132,19 +134,46 @@ class _FastLowlevel:
 
 
 class _FastLock:
-    """pyfuse3's read lock: taken without a scheduler round trip when it is free."""
+    """pyfuse3's read lock (who waits on /dev/fuse), made barging.
+
+    pyfuse3 runs two or more worker tasks; with a fair lock, each request handed the lock
+    to the other worker, one trio scheduler pass (and epoll call) per request. Here a
+    release hands nothing over: the worker that just took a request comes straight back for
+    the next one. A parked worker takes over when the holder is about to wait elsewhere
+    (``handoff``, called before a handler awaits) and, as a safety net, re-checks every
+    ``RECHECK_S`` (so a missed hand-off delays requests, never deadlocks, and workers
+    still drain at unmount).
+    """
+
+    RECHECK_S = 0.05
+    current: _FastLock | None = None  # the lock of the running loop, for ``handoff``
 
     def __init__(self) -> None:
-        self._lock = trio.Lock()
+        self.held = False
+        self.lot = trio.lowlevel.ParkingLot()
+        _FastLock.current = self
 
     async def __aenter__(self) -> None:
-        try:
-            self._lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self._lock.acquire()
+        while self.held:
+            with trio.move_on_after(self.RECHECK_S):
+                await self.lot.park()
+        self.held = True
 
     async def __aexit__(self, *exc: object) -> None:
-        self._lock.release()
+        self.held = False
+        if exc[0] is not None:  # shutting down: let the others see it
+            self.lot.unpark_all()
+
+    def handoff(self) -> None:
+        if not self.held:
+            self.lot.unpark()
+
+
+def handoff_requests() -> None:
+    """Call before a handler awaits: another worker serves FUSE requests meanwhile."""
+    lock = _FastLock.current
+    if lock is not None:
+        lock.handoff()
 
 
 class _FastTrio:
@@ -447,6 +476,7 @@ class Operations(pyfuse3.Operations):
         if session is None or self.control is None:
             raise pyfuse3.FUSEError(errno.EROFS)
         for line in session.feed(buf):
+            handoff_requests()  # the command may mount an overlay that looks us up
             reply = await trio.to_thread.run_sync(self.control.execute, line)
             session.reply(reply)
         return len(buf)
