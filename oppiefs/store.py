@@ -373,10 +373,17 @@ class Store:
             raise Corrupt(f"reference count of slot {slot.hex()} is missing")
         return int(_U64.unpack(raw)[0])
 
-    def _new_slot(self, txn: lmdb.Transaction, oid: bytes, count: int) -> bytes:
-        """Give a new object the next slot, with its count (appended: the last page)."""
-        n = self._meta_int(txn, b"slot") + 1
-        self._set_meta_int(txn, b"slot", n)
+    def _reserve_slots(self, txn: lmdb.Transaction, k: int) -> int:
+        """Reserve ``k`` consecutive slots; returns the first."""
+        n = self._meta_int(txn, b"slot")
+        self._set_meta_int(txn, b"slot", n + k)
+        return n + 1
+
+    def _new_slot(self, txn: lmdb.Transaction, oid: bytes, count: int,
+                  n: int | None = None) -> bytes:
+        """Give a new object slot ``n`` (default: the next), with its count (appended)."""
+        if n is None:
+            n = self._reserve_slots(txn, 1)
         slot = n.to_bytes(8, "big")
         txn.put(oid, slot, db=self.db["slots"])
         if not txn.put(slot, _U64.pack(count), db=self.db["counts"], append=True):
@@ -482,9 +489,10 @@ class Store:
                     outside.append(child)
         nbytes = 0
         data = self.db["data"]
-        for oid, (kind, payload, _) in new.items():
+        first = self._reserve_slots(txn, len(new)) if new else 0
+        for n, (oid, (kind, payload, _)) in enumerate(new.items(), first):
             count = inside.get(oid, 0)
-            slot = self._new_slot(txn, oid, count)
+            slot = self._new_slot(txn, oid, count, n)
             if not txn.put(slot, kind + payload, db=data, append=True):
                 raise Corrupt("object slots out of order")
             if not count:
