@@ -459,8 +459,8 @@ class Store:
 
         References between objects new in this batch are counted directly (an imported file's
         chunks and its directory arrive together); only references to objects stored before
-        go through the increment log. Existence is checked on the 8-byte count, so a dedup
-        hit never faults in object data.
+        go through the increment log. Existence is checked on the id's slot record, so a
+        dedup hit never faults in object data.
         """
         slots, zero = self.db["slots"], self.db["zero"]
         for oid in reused:  # taken from the files cache, without their bytes

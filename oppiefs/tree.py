@@ -129,9 +129,9 @@ class Tree:
     @functools.cached_property
     def tally(self) -> Tally:
         """Totals a commit keeps up to date by difference instead of recounting."""
-        files = [e.size for e in self.entries if e.type <= T_CHUNKED]
-        return Tally(self.total_bytes, self.total_files, sum(files), len(files),
-                     subtree_entries(self.entries))
+        tally = Tally.of(self.entries)
+        tally.bytes, tally.files = self.total_bytes, self.total_files
+        return tally
 
 
 @dataclass
@@ -144,6 +144,14 @@ class Tally:
     direct_bytes: int = 0
     direct_files: int = 0
     entries: int = 0
+
+    @classmethod
+    def of(cls, entries: list[Entry], sub_bytes: int = 0, sub_files: int = 0) -> Tally:
+        """Count entries whose subdirectories hold ``sub_bytes`` in ``sub_files`` files."""
+        files = [e.size for e in entries if e.type <= T_CHUNKED]
+        direct = sum(files)
+        return cls(sub_bytes + direct, sub_files + len(files), direct, len(files),
+                   subtree_entries(entries))
 
     def count(self, e: Entry, sign: int, sub: tuple[int, int] = (0, 0)) -> None:
         """Add (sign 1) or remove (-1) an entry; ``sub``: a directory's (bytes, files)."""
@@ -235,9 +243,7 @@ def put_tree(w: Writer, entries: list[Entry], sub_bytes: int, sub_files: int,
             oid = w.put(KIND_TREE, payload, _entry_refs(run))
         parts.append((oid, len(run)))
     if tally is None:
-        files = [e.size for e in entries if e.type <= T_CHUNKED]
-        tally = Tally(sub_bytes + sum(files), sub_files + len(files),
-                      entries=subtree_entries(entries))
+        tally = Tally.of(entries, sub_bytes, sub_files)
     payload = b"".join([INDEX_MAGIC,
                         _IDX_HEAD.pack(tally.bytes, tally.files, len(entries), len(parts)),
                         *(_LIST_ITEM.pack(oid, n) for oid, n in parts)])
