@@ -32,6 +32,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from oppiefs import tree
 from oppiefs.client import Client
 from tests.nodeutil import fsck_clean, node_dirs
 from tests.treeutil import assert_same_meta, det_bytes, tree_meta
@@ -65,8 +66,12 @@ ops = st.one_of(
 
 
 def make_base(root: Path) -> None:
-    """Small tree with every kind of entry the ops can hit, at fixed mtimes."""
+    """Small tree with every kind of entry the ops can hit, at fixed mtimes. ``d`` also
+    holds filler files around the names the ops use, so that it is stored split into
+    parts (tree.SPLIT_OVER) and commits exercise part reuse."""
     (root / "d" / "e").mkdir(parents=True)
+    for i in range(tree.SPLIT_OVER + 40):
+        (root / "d" / (f"{i:03d}" if i % 2 else f"z{i:03d}")).write_bytes(b"%d\n" % i)
     (root / "e").mkdir()
     (root / "a").write_bytes(b"alpha\n")
     (root / "b").write_bytes(BLOBS[0])
@@ -148,6 +153,9 @@ def base(mdaemon, tmp_path_factory: pytest.TempPathFactory):
     make_base(src)
     client = Client(mdaemon.mnt)
     snap = client.import_(src)
+    with tree.open_store(mdaemon.store, create=False) as store:
+        reader = tree.Reader(store)
+        assert reader.tree(reader.lookup(bytes.fromhex(snap), "d").ref).parts is not None
     try:
         yield client, snap, src, work
     finally:
