@@ -17,13 +17,6 @@ from oppiefs.errors import NotFound
 from oppiefs.store import KIND_CHUNK, Store
 
 
-@pytest.fixture
-def store(tmp_path: Path):
-    s = tree.open_store(tmp_path / "store")
-    yield s
-    s.close()
-
-
 def _tree(root: Path, files: dict[str, bytes]) -> Path:
     for rel, data in files.items():
         p = root / rel

@@ -20,13 +20,6 @@ from oppiefs.errors import Corrupt
 from oppiefs.store import KIND_TREE, Store
 
 
-@pytest.fixture
-def store(tmp_path: Path):
-    s = tree.open_store(tmp_path / "store")
-    yield s
-    s.close()
-
-
 def _names(n: int, seed: int) -> list[bytes]:
     rng = random.Random(seed)
     odd = [b"with space", b"\xff\xfenot-utf8", b"-dash", b"a\nnewline", b"\xe2\x98\x83"]
