@@ -58,6 +58,7 @@ class StateManager:
         self.mountpoint = Path(os.path.abspath(mountpoint))
         self.node_root = store.path / "nodes"
         self.node_root.mkdir(exist_ok=True)
+        overlay.spread_subdirs(str(self.node_root))
         self._lock = threading.Lock()  # guards _node_locks and _links
         self._node_locks: dict[str, threading.Lock] = {}
         self._links: dict[str, str] = {}
