@@ -783,10 +783,14 @@ def apply_upper(reader: Reader, w: Writer, base: bytes | None, upper: bytes,
     (their objects are pinned by the node's base snapshot), only directories on changed
     paths are re-encoded (of a large directory, only the parts holding a changed name), and
     totals are kept by difference (the cost of a commit follows the size of the change,
-    never the size of the tree).
+    never the size of the tree). The caller keeps ``base`` pinned while ``w`` is open (a
+    node pins its base snapshot), so the entries it carries over are vouched for.
     """
     lower = reader.tree(base) if base is not None else None
     if lower is not None:
+        w.vouch(_entry_refs(lower.entries))
+        if lower.parts is not None:
+            w.vouch(oid for oid, _ in lower.parts)
         merged = {e.name: e for e in lower.entries}
         tally = dataclasses.replace(lower.tally)
     else:
