@@ -212,15 +212,9 @@ def subtree_entries(entries: list[Entry]) -> int:
 
 
 def put_tree(w: Writer, entries: list[Entry], sub_bytes: int, sub_files: int,
-             base: Tree | None = None, changed: Iterable[bytes] = (),
              tally: Tally | None = None) -> Built:
-    """Store a directory (split into parts when large).
-
-    ``base`` is the tree this one was derived from and ``changed`` every name added, removed
-    or modified since: parts of ``base`` that no changed name falls into are reused as they
-    are, so a commit costs O(changed parts), not O(directory size). ``tally``: the totals,
-    when the caller kept them (spares passes over every entry).
-    """
+    """Store a directory (split into parts when large). ``tally``: the totals, when the
+    caller kept them (spares passes over every entry)."""
     if len(entries) <= SPLIT_OVER:
         payload, nbytes, nfiles = encode_tree(entries, sub_bytes, sub_files)
         oid = w.put(KIND_TREE, payload, _entry_refs(entries))
@@ -230,23 +224,84 @@ def put_tree(w: Writer, entries: list[Entry], sub_bytes: int, sub_files: int,
     for a, b in itertools.pairwise(entries):
         if a.name == b.name:
             raise InvalidArgument(f"duplicate name {a.name!r} in directory")
-    reusable = _parts_by_range(base)
-    marks = sorted(changed)
-    parts = []
-    for start, end in cut_parts(entries):
-        run = entries[start:end]
-        first, last = run[0].name, run[-1].name
-        oid = reusable.get((first, last, len(run)))
-        i = bisect.bisect_left(marks, first)
-        if oid is None or (i < len(marks) and marks[i] <= last):
-            payload, _, _ = encode_tree(run)
-            oid = w.put(KIND_TREE, payload, _entry_refs(run))
-        parts.append((oid, len(run)))
-    if tally is None:
-        tally = Tally.of(entries, sub_bytes, sub_files)
-    payload = b"".join([INDEX_MAGIC,
-                        _IDX_HEAD.pack(tally.bytes, tally.files, len(entries), len(parts)),
-                        *(_LIST_ITEM.pack(oid, n) for oid, n in parts)])
+    parts = [_put_part(w, entries[start:end]) for start, end in cut_parts(entries)]
+    return _put_index(w, parts, len(entries),
+                      tally if tally is not None else Tally.of(entries, sub_bytes, sub_files))
+
+
+def put_changes(w: Writer, lower: Tree | None, changes: dict[bytes, Entry | None],
+                tally: Tally) -> Built:
+    """Store ``lower`` with ``changes`` applied (name -> new entry; None: removed).
+
+    ``tally`` holds the new totals. Of a split directory only the runs of parts that a
+    changed name falls into are merged and cut again (extended until a cut lands on an old
+    part end), so a commit costs O(changed parts), not O(directory size), and the result
+    is the tree a fresh build of the same entries gives.
+    """
+    old_n = len(lower.entries) if lower is not None else 0
+    n = old_n + sum((e is not None) - (lower is not None and lower.get(name) is not None)
+                    for name, e in changes.items())
+    if lower is None or lower.parts is None or n <= SPLIT_OVER:
+        merged = {e.name: e for e in lower.entries} if lower is not None else {}
+        if lower is not None:
+            w.vouch(_entry_refs(lower.entries))
+        for name, e in changes.items():
+            if e is None:
+                merged.pop(name, None)
+            else:
+                merged[name] = e
+        return put_tree(w, list(merged.values()), tally.bytes - tally.direct_bytes,
+                        tally.files - tally.direct_files, tally)
+    old = lower.parts
+    starts = list(itertools.accumulate((count for _, count in old), initial=0))
+    lasts = [lower.entries[end - 1].name for end in starts[1:]]
+    touched: dict[int, list[bytes]] = {}
+    for name in changes:  # a name after part k-1's last one belongs to part k
+        touched.setdefault(min(bisect.bisect_left(lasts, name), len(old) - 1), []).append(name)
+
+    def merged_run(first: int, last: int) -> list[Entry]:
+        run = lower.entries[starts[first]:starts[last + 1]]
+        w.vouch(_entry_refs(run))
+        by_name = {e.name: e for e in run}
+        for k in range(first, last + 1):
+            for name in touched.get(k, ()):
+                e = changes[name]
+                if e is None:
+                    by_name.pop(name, None)
+                else:
+                    by_name[name] = e
+        return sorted(by_name.values(), key=_name)
+
+    parts: list[tuple[bytes, int]] = []
+    k = 0
+    while k < len(old):
+        if k not in touched:
+            parts.append(old[k])
+            k += 1
+            continue
+        last = k
+        while True:
+            while last + 1 < len(old) and last + 1 in touched:
+                last += 1
+            run = merged_run(k, last)
+            cuts = cut_parts(run)
+            if last + 1 == len(old) or not run or _closes(run, *cuts[-1]):
+                break
+            last += 1  # the run's end is no cut any more: take in the next part
+        parts += [_put_part(w, run[start:end]) for start, end in cuts]
+        k = last + 1
+    w.vouch(oid for oid, _ in old)
+    return _put_index(w, parts, n, tally)
+
+
+def _put_part(w: Writer, run: list[Entry]) -> tuple[bytes, int]:
+    payload, _, _ = encode_tree(run)
+    return w.put(KIND_TREE, payload, _entry_refs(run)), len(run)
+
+
+def _put_index(w: Writer, parts: list[tuple[bytes, int]], n: int, tally: Tally) -> Built:
+    payload = b"".join([INDEX_MAGIC, _IDX_HEAD.pack(tally.bytes, tally.files, n, len(parts)),
+                        *(_LIST_ITEM.pack(oid, count) for oid, count in parts)])
     oid = w.put(KIND_TREE, payload, [oid for oid, _ in parts])
     return Built(oid, tally.entries, tally.bytes, tally.files)
 
@@ -258,8 +313,8 @@ def _name(e: Entry) -> bytes:
 def cut_parts(entries: list[Entry]) -> list[tuple[int, int]]:
     """Content-defined (start, end) runs of a sorted entry list (see the module doc)."""
     runs, start = [], 0
-    for i, e in enumerate(entries):
-        if not zlib.crc32(e.name) & PART_MASK or i + 1 - start >= PART_MAX:
+    for i in range(len(entries)):
+        if _closes(entries, start, i + 1):
             runs.append((start, i + 1))
             start = i + 1
     if start < len(entries):
@@ -267,16 +322,9 @@ def cut_parts(entries: list[Entry]) -> list[tuple[int, int]]:
     return runs
 
 
-def _parts_by_range(base: Tree | None) -> dict[tuple[bytes, bytes, int], bytes]:
-    """(first name, last name, entries) -> part id of a split tree: with no changed name in
-    that range, a run with the same ends and length holds exactly the same entries."""
-    if base is None or base.parts is None:
-        return {}
-    out, pos = {}, 0
-    for oid, n in base.parts:
-        out[(base.entries[pos].name, base.entries[pos + n - 1].name, n)] = oid
-        pos += n
-    return out
+def _closes(entries: list[Entry], start: int, end: int) -> bool:
+    """Whether a part ends after entries[start:end] (its last name, or its length)."""
+    return not zlib.crc32(entries[end - 1].name) & PART_MASK or end - start >= PART_MAX
 
 
 def decode_index(payload: bytes) -> tuple[int, int, int, list[tuple[bytes, int]]]:
@@ -787,52 +835,37 @@ def apply_upper(reader: Reader, w: Writer, base: bytes | None, upper: bytes,
     node pins its base snapshot), so the entries it carries over are vouched for.
     """
     lower = reader.tree(base) if base is not None else None
-    if lower is not None:
-        w.vouch(_entry_refs(lower.entries))
-        if lower.parts is not None:
-            w.vouch(oid for oid, _ in lower.parts)
-        merged = {e.name: e for e in lower.entries}
-        tally = dataclasses.replace(lower.tally)
-    else:
-        merged, tally = {}, Tally()
-
-    def drop(name: bytes) -> None:
-        old = merged.pop(name, None)
-        if old is not None and old.is_dir:
-            t = reader.tree(old.ref)
-            tally.count(old, -1, (t.total_bytes, t.total_files))
-        elif old is not None:
-            tally.count(old, -1)
-
-    def add(e: Entry, sub: tuple[int, int] = (0, 0)) -> None:
-        merged[e.name] = e
-        tally.count(e, 1, sub)
-
-    changed = []
+    tally = dataclasses.replace(lower.tally) if lower is not None else Tally()
+    changes: dict[bytes, Entry | None] = {}
     for item in scan(upper):
         name, st = item.name, item.st
-        changed.append(name)
-        low = merged.get(name)
-        drop(name)
+        low = lower.get(name) if lower is not None else None
+        if low is not None:
+            t = reader.tree(low.ref) if low.is_dir else None
+            tally.count(low, -1, (t.total_bytes, t.total_files) if t is not None else (0, 0))
+        changes[name] = None
         if item.kind == "whiteout":
             continue
+        sub = (0, 0)
         if item.kind in ("dir", "opaque-dir"):
             below = low.ref if item.kind == "dir" and low is not None and low.is_dir else None
-            sub = apply_upper(reader, w, below, item.path, scan)
-            add(entry_from_stat(name, st, T_DIR, sub.oid, sub.entries), (sub.bytes, sub.files))
+            built = apply_upper(reader, w, below, item.path, scan)
+            e = entry_from_stat(name, st, T_DIR, built.oid, built.entries)
+            sub = (built.bytes, built.files)
         elif item.kind == "symlink":
             try:
                 target = os.readlink(item.path)
             except OSError as exc:
                 raise from_oserror(exc, os.fsdecode(item.path)) from exc
-            add(entry_from_stat(name, st, T_SYMLINK, size=len(target), target=target))
+            e = entry_from_stat(name, st, T_SYMLINK, size=len(target), target=target)
         elif item.kind == "file":
             try:
                 etype, ref, size = store_file(w, item.path)
             except OSError as exc:
                 raise from_oserror(exc, os.fsdecode(item.path)) from exc
-            add(entry_from_stat(name, st, etype, ref, size))
+            e = entry_from_stat(name, st, etype, ref, size)
         else:
             raise Unsupported(f"{os.fsdecode(item.path)}: unknown upper entry {item.kind}")
-    return put_tree(w, list(merged.values()), tally.bytes - tally.direct_bytes,
-                    tally.files - tally.direct_files, lower, changed, tally)
+        changes[name] = e
+        tally.count(e, 1, sub)
+    return put_changes(w, lower, changes, tally)

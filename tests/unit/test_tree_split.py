@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import zlib
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,58 @@ def test_index_edges_drive_gc(store: Store, tmp_path: Path) -> None:
     store.sweep()
     assert store.stats().objects == 0
     assert store.check() == []
+
+
+def _no_cut_names(n: int, seed: int) -> list[bytes]:
+    """Names none of which ends a part by content, so runs of them end at PART_MAX."""
+    rng, out = random.Random(seed), []
+    while len(out) < n:
+        name = b"m%08d" % rng.randrange(10**8)
+        if zlib.crc32(name) & tree.PART_MASK:
+            out.append(name)
+    return out
+
+
+def test_incremental_recut_equals_a_fresh_build(store: Store) -> None:
+    """put_changes (re-cutting only touched runs of parts) gives the id a full build gives,
+    for random inserts, deletes and changes, including next to part ends and inside long
+    runs whose cuts are forced by PART_MAX (there an edit moves every later forced cut)."""
+    def entry(name: bytes, mtime: int = 0) -> tree.Entry:
+        return tree.Entry(name, tree.T_FILE, 0o644, 0, 0, 0, mtime)
+
+    names = sorted(set(_names(900, 7) + _no_cut_names(400, 8)))
+    base = [entry(n) for n in names]
+    with store.writer() as w:
+        built = tree.put_tree(w, base, 0, 0)
+        store.publish(w, built.oid, parent=None, logical_bytes=0, files=len(base))
+    lower = tree.Reader(store).tree(built.oid)
+    assert lower.parts is not None
+    assert max(n for _, n in lower.parts) == tree.PART_MAX
+    rng = random.Random(9)
+    pool = _names(300, 10) + _no_cut_names(100, 11)
+    for round_ in range(150):
+        changes: dict[bytes, tree.Entry | None] = {}
+        for _ in range(rng.choice([1, 2, 5, 40])):
+            pick = rng.random()
+            if pick < 0.35:
+                changes[rng.choice(names)] = None
+            elif pick < 0.7:
+                changes[rng.choice(names)] = entry(rng.choice(names), round_ + 1)
+            else:
+                new = rng.choice(pool)
+                changes[new] = entry(new, round_ + 1)
+        for name, e in list(changes.items()):  # a change keeps its own name
+            if e is not None and e.name != name:
+                changes[name] = e._replace(name=name)
+        merged = {e.name: e for e in base}
+        for name, e in changes.items():
+            if e is None:
+                merged.pop(name, None)
+            else:
+                merged[name] = e
+        want_entries = list(merged.values())
+        tally = tree.Tally.of(want_entries)
+        with store.writer() as w:
+            got = tree.put_changes(w, lower, changes, tally)
+            want = tree.put_tree(w, want_entries, 0, 0)
+        assert got == want, f"round {round_}: {len(changes)} changes"
