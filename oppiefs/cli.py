@@ -23,6 +23,7 @@ import click
 from . import tree
 from .errors import OppieError
 from .store import Store, default_store_dir
+from .store import compact as compact_store
 
 
 def _fail(exc: BaseException, code: int) -> None:
@@ -244,6 +245,21 @@ def gc(store_dir: Path | None, as_json: bool) -> None:
         n, nbytes = store.sweep()
     _emit(as_json, {"objects_freed": n, "bytes_freed": nbytes},
           f"freed {n} objects, {nbytes} bytes")
+
+
+@main.command()
+@store_option
+@json_option
+@_guarded
+def compact(store_dir: Path | None, as_json: bool) -> None:
+    """Shrink the store file to its live data (unmount first: needs the store to itself).
+
+    Freed pages are reused but never returned to the file system; run `gc` first so that
+    everything collectable is free.
+    """
+    before, after = compact_store(store_dir or default_store_dir())
+    _emit(as_json, {"bytes_before": before, "bytes_after": after},
+          f"store file {before} -> {after} bytes")
 
 
 # -- the mount --------------------------------------------------------------------------------

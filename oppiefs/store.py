@@ -47,9 +47,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import json
 import logging
 import os
+import shutil
 import struct
 import threading
 import time
@@ -61,7 +63,15 @@ from typing import Any
 import blake3
 import lmdb
 
-from .errors import Corrupt, InvalidArgument, NoSpace, NotFound, OppieError, PermissionDenied
+from .errors import (
+    Busy,
+    Corrupt,
+    InvalidArgument,
+    NoSpace,
+    NotFound,
+    OppieError,
+    PermissionDenied,
+)
 
 KIND_CHUNK = b"C"
 KIND_LIST = b"L"
@@ -202,6 +212,72 @@ class StaleCache(OppieError):
     """An object named by the files cache was collected meanwhile: read the file again."""
 
 
+USE_LOCK = "store.lock"  # flock: shared while a Store is open, exclusive while compacting
+
+
+def _lock_use(path: Path, *, exclusive: bool) -> int:
+    fd = os.open(path / USE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        if exclusive:
+            raise Busy(f"store {path} is in use (a mounted daemon or another oppiefs "
+                       "command has it open)") from None
+        raise Busy(f"store {path} is being compacted; try again when that ends") from None
+    return fd
+
+
+def compact(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """Rewrite the store file without its free pages; returns (bytes before, after).
+
+    LMDB reuses the pages GC frees but never gives them back to the file system, so after
+    a large prune the file stays at its peak size. This copies the live pages into a new
+    file (``mdb_env_copy2`` with compaction) and renames it over the old one, so a crash
+    leaves one of the two whole. It needs the store to itself: every Store holds a shared
+    lock, so a mounted daemon or a running command makes this fail with Busy.
+    """
+    path = Path(path)
+    data = path / "data.mdb"
+    if not data.exists():
+        raise NotFound(f"no store at {path}")
+    tmp = path / "compact.tmp"
+    try:
+        fd = _lock_use(path, exclusive=True)
+    except PermissionError as exc:
+        raise PermissionDenied(f"store {path}: permission denied") from exc
+    try:
+        before = data.stat().st_size
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        env = lmdb.open(str(path), map_size=_INITIAL_MAP, max_dbs=len(_DBS), create=False)
+        try:
+            env.copy(str(tmp), compact=True)
+        finally:
+            env.close()
+        copy_fd = os.open(tmp / "data.mdb", os.O_RDONLY)
+        try:
+            os.fsync(copy_fd)
+        finally:
+            os.close(copy_fd)
+        os.replace(tmp / "data.mdb", data)
+        dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return before, data.stat().st_size
+    except lmdb.Error as exc:
+        raise _lmdb_error(exc, f"compact {path}") from exc
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpace(f"compact {path}: no space left for the copy") from exc
+        raise OppieError(f"compact {path}: {exc.strerror or exc}") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.close(fd)
+
+
 class Store:
     """The object store. Thread-safe: LMDB serializes writers, readers use short txns."""
 
@@ -210,22 +286,26 @@ class Store:
         self.path = Path(path)
         self.children_of = children_of
         self._grow_lock = threading.Lock()
+        self._use_fd: int | None = None
         try:
             if create:
                 self.path.mkdir(parents=True, exist_ok=True)
             elif not (self.path / "data.mdb").exists():
                 raise NotFound(f"no store at {self.path}")
+            self._use_fd = _lock_use(self.path, exclusive=False)
             self.env = lmdb.open(
                 str(self.path), map_size=_INITIAL_MAP, max_dbs=len(_DBS), max_readers=1024,
                 readahead=True, sync=True, metasync=True, create=create,
             )
-        except PermissionError as exc:
-            raise PermissionDenied(f"store {self.path}: permission denied") from exc
-        except FileNotFoundError as exc:
-            raise NotFound(f"no store at {self.path}") from exc
-        except lmdb.Error as exc:
-            raise _lmdb_error(exc, f"store {self.path}") from exc
-        except OSError as exc:
+        except (OSError, lmdb.Error) as exc:
+            if self._use_fd is not None:
+                os.close(self._use_fd)
+            if isinstance(exc, PermissionError):
+                raise PermissionDenied(f"store {self.path}: permission denied") from exc
+            if isinstance(exc, FileNotFoundError):
+                raise NotFound(f"no store at {self.path}") from exc
+            if isinstance(exc, lmdb.Error):
+                raise _lmdb_error(exc, f"store {self.path}") from exc
             raise OppieError(f"store {self.path}: {exc.strerror or exc}") from exc
         self.db = {name: self.env.open_db(name.encode()) for name in _DBS}
         self._migrate()
@@ -253,6 +333,9 @@ class Store:
 
     def close(self) -> None:
         self.env.close()
+        if self._use_fd is not None:
+            os.close(self._use_fd)
+            self._use_fd = None
 
     def __enter__(self) -> Store:
         return self

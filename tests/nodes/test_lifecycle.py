@@ -345,3 +345,10 @@ def test_node_dirs_spread_over_block_groups(tmp_path):
     if res.returncode:
         pytest.skip(f"not an ext2/3/4 file system: {res.stderr.strip()}")
     assert "T" in res.stdout.split()[0]
+
+
+def test_compact_refuses_a_mounted_store(tmp_path):
+    with Daemon(tmp_path / "mnt", tmp_path / "store"):
+        res = Cli(tmp_path / "store")("compact", expect=Busy.exit_code)
+        assert "in use" in res.err
+    Cli(tmp_path / "store")("compact")  # unmounted: it runs
