@@ -430,6 +430,25 @@ class Store:
         with self.env.begin() as txn:
             return [txn.get(k, db=self.db["files"]) for k in keys]
 
+    def forget_files(self, prefix: bytes, keep: Collection[bytes]) -> int:
+        """Drop files-cache records under ``prefix`` (a directory path ending in '/') except
+        ``keep``: an import calls it with the files it saw, so records of deleted files do
+        not pile up. Returns how many went."""
+        files = self.db["files"]
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=files)
+            stale = []
+            if cur.set_range(prefix):
+                for key in cur.iternext(keys=True, values=False):
+                    if not key.startswith(prefix):
+                        break
+                    if key not in keep:
+                        stale.append(key)
+        if stale:
+            self.write(lambda txn: [txn.delete(k, db=files) for k in stale],
+                       "prune files cache")
+        return len(stale)
+
     def exists(self, oid: bytes) -> bool:
         with self.env.begin() as txn:
             return txn.get(oid, db=self.db["slots"]) is not None

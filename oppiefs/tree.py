@@ -588,9 +588,11 @@ class Importer:
         self.report = ImportReport()
         self._sub: list[tuple[int, int]] = []  # totals of the subtrees of the current dir
         self._cached: dict[bytes, bytes] = {}  # this directory's files-cache records
+        self.seen: set[bytes] = set()  # regular files walked (the rest of the cache is stale)
         self._trust_before = time.time_ns() - RACY_NS
 
     def _file(self, path: bytes, st: os.stat_result) -> tuple[int, bytes, int]:
+        self.seen.add(path)
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         raw = self._cached.get(path)
         if raw is not None:
@@ -688,6 +690,7 @@ def _import(store: Store, raw: bytes, skip_special: bool, progress: ProgressFn |
         root = imp.tree(raw).oid
         rec = store.publish(w, root, parent=parent, logical_bytes=imp.report.bytes,
                             files=imp.report.files)
+    store.forget_files(raw.rstrip(b"/") + b"/", imp.seen)
     imp.report.root = rec.root
     return imp.report
 

@@ -96,3 +96,27 @@ def test_collected_cached_object_falls_back_to_reading(tmp_path, monkeypatch,
         if e.is_file:
             assert reader.read_all(e) == (src / os.fsdecode(path)).read_bytes()
     assert store.check() == []
+
+
+def test_records_of_deleted_files_are_dropped(tmp_path, fast_trust) -> None:
+    """A re-import forgets cache records of files that are gone, and only under its root."""
+    src, store, _ = _imported(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x").write_bytes(b"elsewhere")
+    time.sleep(0.05)
+    tree.import_dir(store, other)
+    (src / "d1" / "f5").unlink()
+    for f in (src / "d2").iterdir():
+        f.unlink()
+    (src / "d2").rmdir()
+
+    def keys() -> set[str]:
+        with store.env.begin() as txn:
+            return {os.fsdecode(k) for k, _ in txn.cursor(db=store.db["files"])}
+
+    assert str(src / "d1" / "f5") in keys()
+    tree.import_dir(store, src)
+    now = {str(p) for p in src.rglob("*") if p.is_file()}
+    assert {k for k in keys() if k.startswith(f"{src}/")} == now
+    assert str(other / "x") in keys()
