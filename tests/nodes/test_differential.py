@@ -12,7 +12,8 @@ changes) are applied to a fresh node. Two oracles:
   overlay set-up that breaks POSIX semantics before a commit ever sees the upper dir.
 
 Each example commits twice from the same node (the node stays writable; the second commit
-captures the later state while the first snapshot stays as it was).
+captures the later state while the first snapshot stays as it was). Examples per run:
+``OPPIEFS_DIFF_EXAMPLES`` (default 50; a soak run by hand used 500).
 
 Directory moves: nodes are mounted with ``redirect_dir=off``, so ``rename(2)`` of a
 directory that exists in the lower layer fails with EXDEV, and tools fall back to copying
@@ -165,7 +166,8 @@ def base(mdaemon, tmp_path_factory: pytest.TempPathFactory):
 _counter = itertools.count()
 
 
-@settings(max_examples=50, deadline=None, database=None,
+@settings(max_examples=int(os.environ.get("OPPIEFS_DIFF_EXAMPLES", "50")), deadline=None,
+          database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(first=st.lists(ops, max_size=12), second=st.lists(ops, max_size=8))
 def test_commit_equals_merged_view(mdaemon, base, first, second):
