@@ -9,7 +9,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$here"
 
 need=()
-for pkg in libfuse3-dev fuse3 pkg-config; do
+for pkg in libfuse3-dev fuse3 pkg-config patch; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -23,8 +23,29 @@ if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv
 fi
 stamp=.venv/.oppiefs-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] \
+    || [ contrib/pyfuse3-readdir-ino.patch -nt "$stamp" ]; then
   .venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
+  # pyfuse3 rebuilt from its sdist with contrib/pyfuse3-readdir-ino.patch, so that the
+  # kernel may cache snapshot directory listings (the patch says why). If that fails,
+  # stock pyfuse3 stays and oppiefs works without the directory cache.
+  if ! .venv/bin/python -c "import pyfuse3, sys; sys.exit(not getattr(pyfuse3, 'READDIR_INO_WITHOUT_OPENDIR', False))"; then
+    version=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('pyfuse3'))")
+    build=$(mktemp -d)
+    if .venv/bin/pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
+          -d "$build" "pyfuse3==$version" 2>/dev/null \
+        && tar -xzf "$build/pyfuse3-$version.tar.gz" -C "$build" \
+        && patch -s -d "$build/pyfuse3-$version" -p1 < contrib/pyfuse3-readdir-ino.patch \
+        && rm -f "$build/pyfuse3-$version/src/pyfuse3/__init__.c" \
+        && .venv/bin/pip install -q --disable-pip-version-check --no-deps --force-reinstall \
+          "$build/pyfuse3-$version" 2>/dev/null; then
+      echo "setup: pyfuse3 $version rebuilt with contrib/pyfuse3-readdir-ino.patch" >&2
+    else
+      echo "setup: WARNING: could not rebuild pyfuse3 with the readdir patch;" \
+           "snapshot directory listings will not be cached by the kernel" >&2
+    fi
+    rm -rf "$build"
+  fi
   touch "$stamp"
 fi
 

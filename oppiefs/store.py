@@ -449,6 +449,10 @@ class Store:
                        "prune files cache")
         return len(stale)
 
+    def last_change(self) -> int:
+        """Id of the last committed transaction: moves whenever anything was written."""
+        return self.env.info()["last_txnid"]
+
     def exists(self, oid: bytes) -> bool:
         with self.env.begin() as txn:
             return txn.get(oid, db=self.db["slots"]) is not None
