@@ -18,17 +18,19 @@ OPENDIR/RELEASEDIR and caches every listing (warm ``find -ls`` over the kernel t
 mtime follows the store's last transaction (the kernel drops a cached listing whose
 directory's mtime moved) and every control command invalidates them at once.
 
-Per-request cost is what bounds small-file reads (every open is a round trip, and the kernel
-cannot skip open/release for us: pyfuse3's ``read`` gets no inode). A trivial pyfuse3 server
-spends most of a request in its trio loop, not in the handler, so ``serve_requests`` runs
-pyfuse3's loop with a fast path: while requests are already queued, a worker takes the
-next one without a round through trio's scheduler and epoll (yielding every ``BURST``
-requests so other tasks still run), and it busy-waits ``SPIN_S`` (50 us; OPPIEFS_SPIN_US)
-for the next request before sleeping: a tool walking a tree sends it within microseconds,
-and a sleep/wake-up cycle costs more than the request (warm kernel-tree tar 7.0 -> 4.8 s).
-pyfuse3's read lock is replaced by a barging one (``_FastLock``): with its fair lock, two
-workers traded the lock on every request, a scheduler pass each (tar 4.8 -> 3.4 s).
-Hot handlers translate errors inline (``_error``) rather than through a wrapping
+Per-request cost is what bounds small-file reads: every open is a round trip. The kernel's
+no-open mode would skip open/release, but it is connection-wide, and ``ctl`` needs its
+per-handle sessions and ``direct_io`` (besides, pyfuse3's ``read`` gets no inode).
+
+A trivial pyfuse3 server spends most of a request in its trio loop, not in the handler, so
+``serve_requests`` runs pyfuse3's loop with a fast path: while requests are already queued,
+a worker takes the next one without a round through trio's scheduler and epoll (yielding
+every ``BURST`` requests so other tasks still run), and it busy-waits ``SPIN_S`` (50 us;
+OPPIEFS_SPIN_US) for the next request before sleeping: a tool walking a tree sends it within
+microseconds, and a sleep/wake-up cycle costs more than the request (warm kernel-tree tar
+7.0 -> 4.8 s). pyfuse3's read lock is replaced by a barging one (``_FastLock``): with its
+fair lock, two workers traded the lock on every request, a scheduler pass each (tar 4.8 ->
+3.4 s). Hot handlers translate errors inline (``_error``) rather than through a wrapping
 coroutine, ``open``/``opendir`` resolve nothing (the kernel only sends them for inodes it
 looked up, of the right kind), and reads return zero-copy views of cached chunks. When the
 kernel forgets most of the inode table, the table is rebuilt, caches are dropped,
