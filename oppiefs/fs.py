@@ -68,6 +68,7 @@ log = logging.getLogger("oppiefs.fs")
 
 TREE_TIMEOUT = 86400.0  # immutable snapshot content
 DYNAMIC_TIMEOUT = 1.0  # root, snapshots/, nodes/: change with the state
+STALL_STATFS_S = float(os.environ.get("OPPIEFS_TEST_STALL_STATFS", "0"))
 # Kernel-cached listings (see the module doc); OPPIEFS_NO_OPENDIR=0 turns them off.
 NO_OPENDIR = (getattr(pyfuse3, "READDIR_INO_WITHOUT_OPENDIR", False)
               and os.environ.get("OPPIEFS_NO_OPENDIR", "1") != "0")
@@ -536,6 +537,8 @@ class Operations(pyfuse3.Operations):
 
     @_fuse
     async def statfs(self, ctx: Any = None) -> pyfuse3.StatvfsData:
+        if STALL_STATFS_S:  # tests: a request the daemon has read but not yet answered
+            await trio.sleep(STALL_STATFS_S)
         st = os.statvfs(self.vfs.store.path)
         d = pyfuse3.StatvfsData()
         d.f_bsize = st.f_bsize

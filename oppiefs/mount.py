@@ -137,6 +137,7 @@ def serve(mountpoint: str, store_dir: Path, *, options: list[str] | None = None,
         stop_gc.set()
         state.gc_wanted.set()
         state.detach_all()
+        state.mounter.close()
         pyfuse3.close(unmount=True)
         gc_thread.join(timeout=10)
         store.close()

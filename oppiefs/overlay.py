@@ -27,8 +27,13 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import json
 import os
+import signal
 import stat
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -66,6 +71,79 @@ def mount_overlay(lower: str, upper: str, work: str, merged: str) -> None:
                            MS_NOSUID | MS_NODEV, opts.encode()), merged)
     except OSError as exc:
         raise from_oserror(exc, f"mount overlay at {merged}") from exc
+
+
+class Mounter:
+    """Mounts overlays from a helper process, for a daemon whose lowers are its own mount.
+
+    mount(2) looks the lower up on our FUSE mount and waits for the answers. Had a thread
+    of the daemon made the call, a ``kill -9`` arriving after the FUSE thread had read such
+    a request would leave the daemon unable to die: that thread waits, uninterruptibly, for
+    an answer only its own process could give, and the FUSE connection (closed only when
+    the process is gone) never aborts, so every client of the mount hangs too. A helper
+    process holds no /dev/fuse descriptor: the daemon always dies, the connection aborts,
+    and the helper's pending mount fails with ENOTCONN. One request at a time, as a line
+    of JSON each way (~50 us).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._helper()  # now: the first fork should not pay for its start-up
+
+    def _helper(self) -> subprocess.Popen[bytes]:
+        if self._proc is None or self._proc.poll() is not None:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "oppiefs.overlay"], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, close_fds=True)
+        return self._proc
+
+    def mount(self, lower: str, upper: str, work: str, merged: str) -> None:
+        request = json.dumps([lower, upper, work, merged]).encode() + b"\n"
+        with self._lock:
+            proc = self._helper()
+            assert proc.stdin is not None and proc.stdout is not None
+            try:
+                proc.stdin.write(request)
+                proc.stdin.flush()
+                line = proc.stdout.readline()
+            except OSError:
+                line = b""
+        if not line:
+            raise OppieError(f"mount overlay at {merged}: the mount helper died")
+        reply = json.loads(line)
+        if reply.get("errno"):
+            exc = OSError(reply["errno"], os.strerror(reply["errno"]), merged)
+            raise from_oserror(exc, f"mount overlay at {merged}") from None
+        if reply.get("error"):
+            raise Unsupported(reply["error"])
+
+    def close(self) -> None:
+        with self._lock:
+            if self._proc is not None and self._proc.poll() is None:
+                assert self._proc.stdin is not None
+                self._proc.stdin.close()
+                self._proc.wait(10)
+            self._proc = None
+
+
+def _serve_mounts() -> None:
+    """The helper's loop (``python -m oppiefs.overlay``): stdin requests, stdout replies.
+    It ends when the daemon closes the pipe (or dies); Ctrl-C is the daemon's to handle."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for line in sys.stdin.buffer:
+        lower, upper, work, merged = json.loads(line)
+        reply: dict[str, object] = {"ok": True}
+        try:
+            mount_overlay(lower, upper, work, merged)
+        except Unsupported as exc:
+            reply = {"error": str(exc)}
+        except OppieError as exc:
+            cause = exc.__cause__
+            reply = {"errno": cause.errno if isinstance(cause, OSError) and cause.errno
+                     else errno.EIO}
+        sys.stdout.buffer.write(json.dumps(reply).encode() + b"\n")
+        sys.stdout.buffer.flush()
 
 
 def spread_subdirs(path: str) -> bool:
@@ -248,3 +326,7 @@ def scan_upper(path: bytes) -> Iterator[UpperItem]:
             raise
         except OSError as exc:
             raise from_oserror(exc, os.fsdecode(p)) from exc
+
+
+if __name__ == "__main__":
+    _serve_mounts()

@@ -59,6 +59,7 @@ class StateManager:
         self.node_root = store.path / "nodes"
         self.node_root.mkdir(exist_ok=True)
         overlay.spread_subdirs(str(self.node_root))
+        self.mounter = overlay.Mounter()  # overlays are mounted from a helper process
         self._lock = threading.Lock()  # guards _node_locks and _links
         self._node_locks: dict[str, threading.Lock] = {}
         self._links: dict[str, str] = {}
@@ -152,7 +153,7 @@ class StateManager:
                 shutil.rmtree(base, ignore_errors=True)
                 raise
             try:
-                overlay.mount_overlay(self._lower(root), str(upper), str(work), str(merged))
+                self.mounter.mount(self._lower(root), str(upper), str(work), str(merged))
             except OppieError:
                 self.store.remove_node(node, root)
                 shutil.rmtree(base, ignore_errors=True)
@@ -239,8 +240,8 @@ class StateManager:
                 shutil.rmtree(work, ignore_errors=True)
                 work.mkdir()
                 merged.mkdir(exist_ok=True)
-                overlay.mount_overlay(self._lower(bytes.fromhex(record["base"])), str(upper),
-                                      str(work), str(merged))
+                self.mounter.mount(self._lower(bytes.fromhex(record["base"])), str(upper),
+                                   str(work), str(merged))
                 self._set_link(node, merged)
             except OppieError as exc:
                 problems.append(f"node {node}: cannot re-attach: {exc}")

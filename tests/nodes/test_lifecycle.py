@@ -7,6 +7,8 @@ import errno
 import os
 import shutil
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -352,3 +354,42 @@ def test_compact_refuses_a_mounted_store(tmp_path):
         res = Cli(tmp_path / "store")("compact", expect=Busy.exit_code)
         assert "in use" in res.err
     Cli(tmp_path / "store")("compact")  # unmounted: it runs
+
+
+def test_kill_during_a_fork_leaves_nothing_hanging(tmp_path):
+    """``kill -9`` while a fork's overlay mount waits for an answer the daemon had read
+    (here: a statfs it is made to sit on). The daemon must still die, its mount abort, the
+    forking client get an error instead of hanging, and a restart just work. Overlays are
+    mounted from a helper process for exactly this: a daemon thread stuck in mount(2) on
+    its own FUSE mount would keep the dying daemon, and every client, waiting forever."""
+    src = make_src(tmp_path / "src")
+    env = {**os.environ, "OPPIEFS_TEST_STALL_STATFS": "3"}
+    d = Daemon(tmp_path / "mnt", tmp_path / "store", env=env).start()
+    try:
+        with Client(d.mnt) as c:
+            snap = c.import_(src)
+        outcome: list[BaseException | str] = []
+
+        def fork() -> None:
+            try:
+                with Client(d.mnt) as c:
+                    outcome.append(c.fork(snap).id)
+            except BaseException as exc:  # recorded for the assertion
+                outcome.append(exc)
+
+        worker = threading.Thread(target=fork, daemon=True)
+        worker.start()
+        time.sleep(1.0)  # the overlay mount now waits on the stalled statfs
+        d.kill()  # raises if the daemon cannot die within 10 s
+        worker.join(10)
+        assert not worker.is_alive(), "the forking client hangs on a dead daemon"
+        assert outcome and isinstance(outcome[0], OSError | OppieError), outcome
+        d.env = None
+        d.start()
+        with Client(d.mnt) as c:
+            node = c.fork(snap)
+            assert (Path(node.path) / "top.txt").read_text() == "top src\n"
+            c.drop(node.id)
+    finally:
+        d.stop()
+    assert mounts_under(tmp_path) == []
