@@ -11,7 +11,6 @@ the child reports ready, or exits non-zero with the reason from the daemon's log
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import select
@@ -30,6 +29,7 @@ from .control import Control
 from .errors import Busy, InvalidArgument, NotFound, NotMounted, OppieError
 from .fs import Operations, serve_requests
 from .state import StateManager
+from .store import lock_file
 from .vfs import SNAPSHOTS_INO, Vfs
 
 log = logging.getLogger("oppiefs.mount")
@@ -88,13 +88,8 @@ def prepare_mountpoint(mountpoint: str) -> None:
 
 def _lock_store(store_dir: Path) -> int:
     """One daemon per store: node dirs and overlays belong to exactly one mount."""
-    fd = os.open(store_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise Busy(f"store {store_dir} is already served by another oppiefs daemon") from None
-    return fd
+    return lock_file(store_dir / LOCK_NAME, exclusive=True,
+                     busy=f"store {store_dir} is already served by another oppiefs daemon")
 
 
 # -- the daemon -----------------------------------------------------------------------------

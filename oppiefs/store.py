@@ -215,17 +215,24 @@ class StaleCache(OppieError):
 USE_LOCK = "store.lock"  # flock: shared while a Store is open, exclusive while compacting
 
 
-def _lock_use(path: Path, *, exclusive: bool) -> int:
-    fd = os.open(path / USE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def lock_file(path: Path, *, exclusive: bool, busy: str) -> int:
+    """Take a flock on ``path`` (created if needed) without waiting; Busy(``busy``) if
+    another holder conflicts. Returns the descriptor: closing it releases the lock."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        if exclusive:
-            raise Busy(f"store {path} is in use (a mounted daemon or another oppiefs "
-                       "command has it open)") from None
-        raise Busy(f"store {path} is being compacted; try again when that ends") from None
+        raise Busy(busy) from None
     return fd
+
+
+def _lock_use(path: Path, *, exclusive: bool) -> int:
+    if exclusive:
+        busy = f"store {path} is in use (a mounted daemon or another oppiefs command has it open)"
+    else:
+        busy = f"store {path} is being compacted; try again when that ends"
+    return lock_file(path / USE_LOCK, exclusive=exclusive, busy=busy)
 
 
 def compact(path: str | os.PathLike[str]) -> tuple[int, int]:
