@@ -146,7 +146,7 @@ def _serve_mounts() -> None:
         sys.stdout.buffer.flush()
 
 
-def spread_subdirs(path: str) -> bool:
+def spread_subdirs(path: str) -> None:
     """Mark ``path`` as the top of directory hierarchies (``chattr +T``), so that ext2/3/4
     place each new node dir in its own block group (Orlov allocator). Best effort: other
     filesystems lack the flag and do not need it.
@@ -160,16 +160,15 @@ def spread_subdirs(path: str) -> bool:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
-        return False
+        return
     try:
         flags = array.array("i", [0])
         fcntl.ioctl(fd, FS_IOC_GETFLAGS, flags, True)
         if not flags[0] & FS_TOPDIR_FL:
             flags[0] |= FS_TOPDIR_FL
             fcntl.ioctl(fd, FS_IOC_SETFLAGS, flags, True)
-        return True
     except OSError:
-        return False  # ENOTTY/EOPNOTSUPP: not ext*, nothing to tune
+        pass  # ENOTTY/EOPNOTSUPP: not ext*, nothing to tune
     finally:
         os.close(fd)
 
