@@ -49,15 +49,23 @@ class Model:
     """What the workload knows for sure, and what a kill left uncertain."""
 
     refs: Counter[str] = field(default_factory=Counter)  # acked publishes - acked prunes
+    # Prunes cut short by a kill: each may or may not have taken effect, so the store holds
+    # between refs - maybe_pruned and refs references. The uncertainty outlives later
+    # acknowledged prunes of the same id (a commit can publish the same tree again).
+    maybe_pruned: Counter[str] = field(default_factory=Counter)
     content: dict[str, Content] = field(default_factory=dict)
-    uncertain_snaps: set[str] = field(default_factory=set)
     nodes: dict[str, Content] = field(default_factory=dict)
     uncertain_nodes: set[str] = field(default_factory=set)  # content: an edit was cut short
     maybe_dropped: set[str] = field(default_factory=set)  # a drop was cut short
     acked_commits: int = 0
 
     def live(self) -> list[str]:
-        return sorted(s for s, n in self.refs.items() if n > 0)
+        """Snapshots certainly still listed."""
+        return sorted(s for s, n in self.refs.items() if n - self.maybe_pruned[s] > 0)
+
+    def learn_unlisted(self, snap: str) -> None:
+        """The store shows ``snap`` has no references left: the uncertain prunes happened."""
+        self.refs[snap] = self.maybe_pruned[snap] = 0
 
 
 class Workload(threading.Thread):
@@ -106,13 +114,13 @@ class Workload(threading.Thread):
             m.maybe_dropped.discard(nid)
         elif op == "prune" and len(live) > 1:
             snap = rng.choice(live)
-            m.uncertain_snaps.add(snap)
+            m.maybe_pruned[snap] += 1
             try:
                 c.prune(snap)
             except NotFound:
                 raise AssertionError(f"acknowledged snapshot {snap} vanished") from None
             m.refs[snap] -= 1
-            m.uncertain_snaps.discard(snap)
+            m.maybe_pruned[snap] -= 1
         elif op == "gc":
             subprocess.run(oppiefs_cmd("gc", "--store", str(self.store)), check=True,
                            capture_output=True, timeout=60)
@@ -138,9 +146,12 @@ class Workload(threading.Thread):
 def verify(d: Daemon, model: Model) -> None:
     listed = set(os.listdir(d.mnt / "snapshots"))
     for snap in model.live():
-        if snap in model.uncertain_snaps:
-            continue
-        assert snap in listed, f"acknowledged snapshot {snap} is missing"
+        assert snap in listed, (f"acknowledged snapshot {snap} is missing "
+                                f"(refs {model.refs[snap]}, maybe pruned "
+                                f"{model.maybe_pruned[snap]}, relisted: "
+                                f"{snap in os.listdir(d.mnt / 'snapshots')})")
+    for snap in [s for s, n in model.refs.items() if n > 0 and s not in listed]:
+        model.learn_unlisted(snap)
     for snap in listed:  # acknowledged or not: complete, never half-visible
         got = read_tree(d.mnt / "snapshots" / snap)
         if snap in model.content and model.refs[snap] > 0:
