@@ -46,6 +46,15 @@ COMMANDS = {
 }
 
 
+READ_ONLY = frozenset({b"status", b"help"})
+
+
+def read_only(line: bytes) -> bool:
+    """Whether a line cannot change snapshots or nodes (listings then stay valid)."""
+    words = line.split(None, 1)
+    return bool(words) and words[0] in READ_ONLY
+
+
 def error_reply(exc: OppieError) -> dict[str, Any]:
     return {"ok": False, "error": exc.errno_name, "message": exc.message}
 

@@ -60,7 +60,7 @@ import pyfuse3
 import trio
 
 from . import vfs as V
-from .control import Control, Session
+from .control import Control, Session, read_only
 from .errors import Corrupt, OppieError
 from .tree import T_DIR, T_SYMLINK, Entry
 
@@ -506,7 +506,7 @@ class Operations(pyfuse3.Operations):
         the FUSE thread, hence here and not there."""
         assert self.control is not None
         reply = self.control.execute(line)
-        if NO_OPENDIR:
+        if NO_OPENDIR and not read_only(line):
             for ino in (V.SNAPSHOTS_INO, V.NODES_INO):
                 with contextlib.suppress(OSError):
                     pyfuse3.invalidate_inode(ino)

@@ -63,6 +63,22 @@ def test_second_walk_of_a_snapshot_sends_no_directory_requests(tmp_path):
         assert after.get(op, 0) == before.get(op, 0), op
 
 
+@pytest.mark.skipif(not fs.NO_OPENDIR, reason="pyfuse3 without the readdir patch")
+def test_read_only_commands_keep_the_cached_listing(tmp_path):
+    """A monitor polling ``status`` must not make every ``ls snapshots/`` a fresh read."""
+    stats = tmp_path / "stats.json"
+    env = {**os.environ, fs.STATS_ENV: str(stats)}
+    with Daemon(tmp_path / "mnt", tmp_path / "store", env=env) as d, Client(d.mnt) as c:
+        a = c.import_(_src(tmp_path / "a", "a"))
+        assert os.listdir(d.mnt / "snapshots") == [a]
+        before = _counts(d, stats)
+        for _ in range(3):
+            c.status()
+            assert os.listdir(d.mnt / "snapshots") == [a]
+        after = _counts(d, stats)
+    assert after["readdir"] == before["readdir"]
+
+
 def test_control_commands_show_in_listings_at_once(tmp_path):
     with Daemon(tmp_path / "mnt", tmp_path / "store") as d, Client(d.mnt) as c:
         snaps, nodes = d.mnt / "snapshots", d.mnt / "nodes"
