@@ -7,10 +7,13 @@ kernel tree unpacked from Debian's linux-source-6.1 tarball (None when it is not
 
 from __future__ import annotations
 
+import contextlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -21,6 +24,48 @@ from tests.treeutil import make_sized_tree  # noqa: E402
 
 LINUX_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
 WORK = Path(os.environ.get("OPPIEFS_BENCH_DIR", "/var/tmp/oppiefs-bench"))
+
+
+HALT_POLL = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+
+
+def machine_note() -> str:
+    """The machine a result was measured on, with what moves FUSE round trips most.
+
+    In a KVM guest with cpuidle-haltpoll, ``guest_halt_poll_ns`` 0 (a boot parameter on
+    some VMs) makes every wake-up of an idle vCPU an exit to the host: each FUSE request
+    that a sleeping client waits for then costs ~20 us instead of ~8 (see RESULTS.md).
+    """
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    fs = subprocess.run(["df", "--output=fstype,source", str(WORK.parent)], text=True,
+                        capture_output=True, check=False).stdout.split()[-2:]
+    note = (f"{platform.node()}: {os.cpu_count()} CPU ({cpu}), {mem:.0f} GiB RAM, "
+            f"Linux {platform.release()}, Python {platform.python_version()}, "
+            f"work dir on {' '.join(fs)}, load {os.getloadavg()[0]:.1f} at start")
+    if HALT_POLL.exists():
+        note += f", guest_halt_poll_ns {HALT_POLL.read_text().strip()}"
+    return note
+
+
+@contextlib.contextmanager
+def guest_halt_poll(ns: int | None) -> Iterator[None]:
+    """Set ``guest_halt_poll_ns`` for a run (None: leave it) and restore it afterwards."""
+    if ns is None:
+        yield
+        return
+    if not HALT_POLL.exists():
+        raise SystemExit(f"--guest-halt-poll-ns: no {HALT_POLL} (not a haltpoll KVM guest)")
+    saved = HALT_POLL.read_text().strip()
+    HALT_POLL.write_text(str(ns))
+    try:
+        yield
+    finally:
+        HALT_POLL.write_text(saved)
 
 
 def rmtree(path: Path) -> None:

@@ -26,7 +26,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import pstats
 import statistics
 import subprocess
@@ -37,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.corpus import generated_tree, linux_tree, rmtree, warm  # noqa: E402
+from bench.corpus import generated_tree, linux_tree, machine_note, rmtree, warm  # noqa: E402
 
 _SCRIPT = Path(sys.executable).with_name("oppiefs")
 OPPIEFS = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "oppiefs.cli"]
@@ -138,23 +137,6 @@ def cooldown(work: Path, quiet_s: float = 300.0) -> None:
         if left > 0:
             print(f"waiting {left:.0f}s for the last run's deletions to age", file=sys.stderr)
             time.sleep(left)
-
-
-def machine_note() -> str:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    fs = subprocess.run(["df", "--output=fstype,source", "/var/tmp"], text=True,
-                        capture_output=True, check=False).stdout.split()[-2:]
-    return (f"{platform.node()}: {os.cpu_count()} CPU ({cpu}), {mem:.0f} GiB RAM, "
-            f"Linux {platform.release()}, Python {platform.python_version()}, "
-            f"work dir on {' '.join(fs)}")
 
 
 def table(results: list[dict]) -> str:

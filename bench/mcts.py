@@ -29,7 +29,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import random
 import shutil
 import subprocess
@@ -42,7 +41,7 @@ from typing import Any, ClassVar
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.corpus import WORK, generated_tree, linux_tree, rmtree, warm  # noqa: E402
+from bench.corpus import WORK, generated_tree, linux_tree, machine_note, rmtree, warm  # noqa: E402
 from oppiefs.client import Client  # noqa: E402
 
 OPS = ("fork", "commit", "drop", "prune")
@@ -370,7 +369,7 @@ def main() -> None:
             peers.append(cls)
 
     results: dict[str, Any] = {"date": dt.datetime.now().isoformat(timespec="seconds"),
-                               "machine": f"{platform.node()} {os.cpu_count()} cpus",
+                               "machine": machine_note(),
                                "command": " ".join(sys.argv), "trees": {}}
     for tname, tree in trees.items():
         if tree is None:

@@ -35,7 +35,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -47,7 +46,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.corpus import WORK, generated_tree, linux_tree  # noqa: E402
+from bench.corpus import (  # noqa: E402
+    WORK,
+    generated_tree,
+    guest_halt_poll,
+    linux_tree,
+    machine_note,
+)
 from oppiefs.client import Client  # noqa: E402
 from tests.mountutil import Daemon as FixtureDaemon  # noqa: E402
 
@@ -299,19 +304,6 @@ def count_tree(root: Path) -> tuple[int, int]:
 # -- report -----------------------------------------------------------------------------------
 
 
-def machine_note() -> str:
-    cpu = "?"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    load = os.getloadavg()[0]
-    return (f"{platform.node()}: {os.cpu_count()} CPU ({cpu}), {mem:.0f} GiB RAM, "
-            f"Linux {platform.release()}, Python {platform.python_version()}, "
-            f"load {load:.1f} at start")
-
-
 def table(doc: dict) -> str:
     rows = ["| tree | measure | native | snapshot | ratio | goal |",
             "|---|---|---|---|---|---|"]
@@ -361,9 +353,16 @@ def main() -> None:
     ap.add_argument("--big-mb", type=int, default=256)
     ap.add_argument("--only", choices=["generated", "linux"])
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out")
+    ap.add_argument("--guest-halt-poll-ns", type=int, metavar="NS",
+                    help="run with this guest_halt_poll_ns (KVM guests; restored afterwards)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root: drop_caches and FUSE/overlay mounts")
+    with guest_halt_poll(args.guest_halt_poll_ns):
+        run_all(args)
+
+
+def run_all(args: argparse.Namespace) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
 
