@@ -426,13 +426,47 @@ class FileMap(NamedTuple):
             i += 1
 
 
-class Reader:
-    """Decoded trees and chunk lists with LRU caches (immutable, so caching is always safe)."""
+BIG_ITEMS = 1024  # a decoded object with more items (entries, chunks) counts as large
+BIG_BUDGET = 512 * 1024  # items of large objects decoded before the caches start over
 
-    def __init__(self, store: Store, trees: int = 4096, lists: int = 1024) -> None:
+
+class Reader:
+    """Decoded trees and chunk lists with LRU caches (immutable, so caching is always safe).
+
+    The caches are bounded by count (functools' C LRU: no Python code on a hit, which the
+    FUSE hot path needs), and a count says nothing about size: a split directory decodes to
+    all its entries, a big file's list to all its chunks. So misses keep a tally of the
+    items of large objects they decoded, and after ``big_budget`` of them every cache
+    starts over (``clear``; mounts register theirs with ``also_clear``). Memory stays
+    bounded by the budget plus count x small size; hot objects are decoded again at most
+    once per budget.
+    """
+
+    def __init__(self, store: Store, trees: int = 4096, lists: int = 1024,
+                 big_budget: int = BIG_BUDGET) -> None:
         self.store = store
         self.tree: Callable[[bytes], Tree] = functools.lru_cache(maxsize=trees)(self._tree)
         self._filemap = functools.lru_cache(maxsize=lists)(self._list)
+        self.big_budget = big_budget
+        self.big_decoded = 0  # items of large objects decoded since the last clear
+        self._clears: list[Callable[[], None]] = [self.tree.cache_clear,  # type: ignore[attr-defined]
+                                                  self._filemap.cache_clear]
+
+    def also_clear(self, cache_clear: Callable[[], None]) -> None:
+        """Clear another cache of decoded objects (or parts of them) along with ours."""
+        self._clears.append(cache_clear)
+
+    def clear(self) -> None:
+        self.big_decoded = 0
+        for fn in self._clears:
+            fn()
+
+    def _decoded(self, items: int) -> None:
+        """Called on a miss (safe inside functools' LRU: it re-checks after the call)."""
+        if items > BIG_ITEMS:
+            self.big_decoded += items
+            if self.big_decoded > self.big_budget:
+                self.clear()
 
     def _tree(self, oid: bytes) -> Tree:
         payload = self._tree_payload(oid)
@@ -447,6 +481,7 @@ class Reader:
             entries += run
         if len(entries) != n:
             raise Corrupt(f"tree index {oid.hex()} miscounts its entries")
+        self._decoded(n)
         return Tree(entries, total_bytes, total_files, parts)
 
     def _tree_payload(self, oid: bytes) -> bytes:
@@ -464,6 +499,7 @@ class Reader:
             oids.append(chunk)
             starts.append(pos)
             pos += n
+        self._decoded(len(oids))
         return FileMap(oids, starts, pos)
 
     def filemap(self, entry: Entry) -> FileMap:

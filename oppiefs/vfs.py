@@ -64,6 +64,7 @@ class Vfs:
         self._snap_index: dict[bytes, int] = {}
         self._roots: dict[int, Entry] = {}  # snapshot index -> root entry
         self._dir = functools.lru_cache(maxsize=offsets_cache)(self._load_dir)
+        reader.also_clear(self._dir.cache_clear)  # it holds decoded entry lists too
 
     # -- snapshots ------------------------------------------------------------------------
 
@@ -175,8 +176,7 @@ class Vfs:
             self._peak = size
             # The kernel let go of most of what it walked; decoded trees interleave with the
             # freed keys in Python's small-object arenas, which are returned only when empty.
-            self._dir.cache_clear()
-            self.reader.tree.cache_clear()  # type: ignore[attr-defined]
+            self.reader.clear()
             return True
         return False
 

@@ -211,3 +211,32 @@ def test_incremental_recut_equals_a_fresh_build(store: Store) -> None:
             got = tree.put_changes(w, lower, changes, tally)
             want = tree.put_tree(w, want_entries, 0, 0)
         assert got == want, f"round {round_}: {len(changes)} changes"
+
+
+def test_large_decoded_trees_do_not_pile_up_in_the_caches(
+        store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Caches are bounded by count; decoded split directories are bounded by a budget.
+
+    Thousands of snapshots, each with its own version of a big directory, would otherwise
+    keep 4096 whole copies of it decoded. After ``big_budget`` items of large objects the
+    caches start over, and everything still reads back the same.
+    """
+    monkeypatch.setattr(tree, "BIG_ITEMS", 100)
+    roots = []
+    for k in range(4):  # four versions of one 302-entry (split) directory
+        _fill(tmp_path / f"src{k}", [*_names(300, 7), f"version-{k}".encode()])
+        roots.append(tree.import_dir(store, tmp_path / f"src{k}").root)
+    reader = tree.Reader(store, big_budget=700)
+    other = []
+    reader.also_clear(other.clear)
+    bigs = [reader.lookup(root, "big").ref for root in roots]
+    decoded = [reader.tree(oid) for oid in bigs[:2]]  # 604 items: within the budget
+    assert reader.big_decoded == 604 and reader.tree.cache_info().currsize >= 2
+    other.append("still cached")
+    third = reader.tree(bigs[2])  # 906 > 700: every cache starts over, this one kept
+    assert reader.big_decoded == 0 and other == []
+    assert reader.tree.cache_info().currsize == 1 and reader.tree(bigs[2]) is third
+    for k, oid in enumerate(bigs):
+        names = [e.name for e in reader.tree(oid).entries]
+        assert f"version-{k}".encode() in names and len(names) == 302
+    assert [e.name for e in decoded[0].entries] == [e.name for e in reader.tree(bigs[0]).entries]
