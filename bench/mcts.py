@@ -15,6 +15,10 @@ on all of them and records per-operation latencies:
 - btrfs (when mkfs.btrfs and a loop device work): fork = writable subvolume snapshot,
   commit = read-only snapshot, drop/prune = subvolume delete.
 
+Edits touch random files anywhere in the tree; ``--spread clustered`` picks them around
+one random file instead (its directory, then wider), as an agent working on one module
+would: a commit then rewrites fewer directories.
+
 Slow peers get fewer iterations on big trees (``--peer-iters``); percentiles say how many
 samples they rest on. Goals (oppiefs, both trees): fork P95 <= 10 ms, commit P95 <= 30 ms,
 prune P95 <= 10 ms, drop P95 <= 20 ms, kernel-tree / small-tree P95 ratio <= 1.5 per op.
@@ -289,9 +293,25 @@ class Btrfs(System):
         rmtree(self.work)
 
 
-def edit(node: Path, rng: random.Random, files: list[str]) -> None:
+def pick(rng: random.Random, files: list[str], k: int, spread: str) -> list[str]:
+    """``k`` files anywhere in the tree ("random"), or around one random file ("clustered":
+    its directory first, then its parent's subtree, as an agent fixing one module does)."""
+    if spread == "random":
+        return rng.sample(files, k)
+    chosen = [rng.choice(files)]
+    scope = os.path.dirname(chosen[0])
+    while len(chosen) < k:
+        near = [f for f in files if f.startswith(scope + "/" if scope else "") and f not in chosen]
+        if len(near) >= k - len(chosen) or not scope:
+            chosen += rng.sample(near, min(k - len(chosen), len(near)))
+            break
+        scope = os.path.dirname(scope)
+    return chosen
+
+
+def edit(node: Path, rng: random.Random, files: list[str], spread: str = "random") -> None:
     """The agent's step: touch 1-10 files (append/overwrite), sometimes create or delete."""
-    for rel in rng.sample(files, rng.randint(1, 10)):
+    for rel in pick(rng, files, rng.randint(1, 10), spread):
         p = node / rel
         if rng.random() < 0.5:
             with open(p, "ab") as f:
@@ -303,7 +323,8 @@ def edit(node: Path, rng: random.Random, files: list[str]) -> None:
         (node / f"new-{rng.getrandbits(32):08x}.txt").write_bytes(rng.randbytes(200))
 
 
-def run(system: System, tree: Path, iters: int, seed: int) -> dict[str, list[float]]:
+def run(system: System, tree: Path, iters: int, seed: int,
+        spread: str = "random") -> dict[str, list[float]]:
     rng = random.Random(seed)
     files = sorted(str(p.relative_to(tree)) for p in tree.rglob("*")
                    if p.is_file() and not p.is_symlink())
@@ -320,7 +341,7 @@ def run(system: System, tree: Path, iters: int, seed: int) -> dict[str, list[flo
         pool = [root]
         for _ in range(iters):
             node, path = timed("fork", system.fork, rng.choice(pool))
-            edit(path, rng, files)
+            edit(path, rng, files, spread)
             snap = timed("commit", system.commit, node)
             timed("drop", system.drop, node)
             pool.append(snap)
@@ -351,6 +372,8 @@ def main() -> None:
                     help="iterations for peers (default: 30 on the small tree, 8 on linux)")
     ap.add_argument("--peers", default="cp,git,overlay,btrfs")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--spread", choices=["random", "clustered"], default="random",
+                    help="edited files: anywhere in the tree, or around one random file")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "mcts.json")
     args = ap.parse_args()
 
@@ -381,7 +404,8 @@ def main() -> None:
             n = args.iters if cls is Oppiefs else (
                 args.peer_iters or (30 if tname == "generated" else 8))
             print(f"   {cls.name}: {n} iterations ...", file=sys.stderr)
-            lat = run(cls(WORK / f"mcts-{cls.__name__.lower()}"), tree, n, args.seed)
+            lat = run(cls(WORK / f"mcts-{cls.__name__.lower()}"), tree, n, args.seed,
+                      args.spread)
             res["systems"][cls.name] = summarize(lat)
         results["trees"][tname] = res
         print_table(tname, res)
