@@ -449,8 +449,8 @@ class Reader:
         self._filemap = functools.lru_cache(maxsize=lists)(self._list)
         self.big_budget = big_budget
         self.big_decoded = 0  # items of large objects decoded since the last clear
-        self._clears: list[Callable[[], None]] = [self.tree.cache_clear,  # type: ignore[attr-defined]
-                                                  self._filemap.cache_clear]
+        clear_trees = self.tree.cache_clear  # type: ignore[attr-defined]
+        self._clears: list[Callable[[], None]] = [clear_trees, self._filemap.cache_clear]
 
     def also_clear(self, cache_clear: Callable[[], None]) -> None:
         """Clear another cache of decoded objects (or parts of them) along with ours."""
