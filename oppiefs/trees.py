@@ -10,11 +10,12 @@ a child process (pyfuse3 serves one connection per process), for the trees: moun
 read-only on ``<store>/trees``, with ``<mnt>/snapshots`` a symlink to its ``snapshots``.
 It lives outside ``<mnt>`` as node overlays do, so a plain ``fusermount3 -u <mnt>`` works.
 
-The daemon talks to it over a socket pair, one line each way: ``changed`` (a command may
-have changed the snapshot listing) and ``released <id>`` (that id left the listing: forget
-its entry), each answered ``ok`` once the kernel has been told, so a command's reply
-never races its listing. The server exits when the daemon closes its end or dies (parent
-death signal), unmounting itself; a daemon restart cleans up a server that could not.
+When a command may have changed the snapshot listing, the daemon tells the kernel itself,
+before it replies (so no reply races its listing): the server hands it a copy of its
+``/dev/fuse`` descriptor at start, and the daemon writes the invalidation notices there
+(two ``writev``s, no round trip through the server). A socket pair ties the two
+lifetimes: the server exits when the daemon closes its end or dies (parent death signal),
+unmounting itself; a daemon restart cleans up a server that could not.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pyfuse3
@@ -46,6 +48,10 @@ FSNAME = "oppiefs-trees"
 READY_TIMEOUT_S = 60.0
 READAHEAD_KB = 1024
 _PR_SET_PDEATHSIG = 1
+# Kernel notices written to /dev/fuse (linux/fuse.h): header (len, code, unique 0), body.
+_NOTIFY_HEADER = struct.Struct("<IiQ")
+_NOTIFY_INVAL_INODE, _INVAL_INODE = 2, struct.Struct("<Qqq")  # ino, offset, length
+_NOTIFY_INVAL_ENTRY, _INVAL_ENTRY = 3, struct.Struct("<QII")  # parent, namelen, flags
 
 
 def mountpoint_of(store_dir: Path) -> Path:
@@ -66,42 +72,40 @@ class TreeServer:
         self.proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
         theirs.close()
         self.sock = ours
-        self.lines = ours.makefile("rb")
-        self.lock = threading.Lock()
         self.sock.settimeout(READY_TIMEOUT_S)
         try:
-            ready = self.lines.readline()
+            ready, fds, _, _ = socket.recv_fds(self.sock, 64, 1)
         except OSError:
-            ready = b""
-        if ready != b"ready\n":
+            ready, fds = b"", []
+        if ready != b"ready\n" or len(fds) != 1:
             self.stop()
             raise OppieError(f"the tree server did not start (it said {ready!r}; see the log)")
+        self.fuse_fd = fds[0]
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
-    def _call(self, msg: bytes) -> None:
-        """Send one message and wait for its ``ok``. A server that does not answer is
-        logged, not raised: the command that called this has already taken effect, and
-        the kernel re-reads the listing within its attribute timeout anyway."""
-        with self.lock:
-            try:
-                self.sock.sendall(msg + b"\n")
-                if self.lines.readline() == b"ok\n":
-                    return
-            except OSError:
-                pass
-            log.error("the tree server did not confirm %r", msg)
+    def _notify(self, code: int, body: bytes) -> None:
+        """One notice to the kernel about the server's connection (done when this returns).
+        Failures are logged, not raised: the command has already taken effect, and the
+        kernel re-reads the listing within its attribute timeout anyway."""
+        try:
+            os.writev(self.fuse_fd, [_NOTIFY_HEADER.pack(_NOTIFY_HEADER.size + len(body), code,
+                                                         0), body])
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # ENOENT: the kernel had nothing cached
+                log.error("cannot invalidate a snapshot listing: %s", exc.strerror)
 
     def changed(self) -> None:
-        """The snapshot listing may have changed: the kernel must re-read it (done when
-        this returns)."""
-        self._call(b"changed")
+        """The snapshot listing may have changed: the kernel must re-read it."""
+        self._notify(_NOTIFY_INVAL_INODE, _INVAL_INODE.pack(SNAPSHOTS_INO, 0, 0))
 
     def released(self, snapshot_id: str) -> None:
         """``snapshot_id`` left the listing: the kernel must forget its cached entry."""
-        self._call(b"released " + snapshot_id.encode())
+        name = snapshot_id.encode()
+        self._notify(_NOTIFY_INVAL_ENTRY,
+                     _INVAL_ENTRY.pack(SNAPSHOTS_INO, len(name), 0) + name + b"\0")
 
     def stop(self, timeout: float = 30.0) -> None:
         """Close our end (the server unmounts and exits); kill it if it does not, and
@@ -109,6 +113,9 @@ class TreeServer:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+        if getattr(self, "fuse_fd", None) is not None:
+            os.close(self.fuse_fd)
+            self.fuse_fd = None
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -157,28 +164,20 @@ async def _run(ipc: socket.socket) -> None:
 
         nursery.start_soon(fuse_main)
         nursery.start_soon(_watch_signals, nursery.cancel_scope)
+        socket.send_fds(ipc, [b"ready\n"], [_fuse_fd()])
         sock = trio.socket.from_stdlib_socket(ipc)
-        await sock.send(b"ready\n")
-        buf = b""
-        while True:
-            data = await sock.recv(4096)
-            if not data:  # the daemon closed its end, or died
-                nursery.cancel_scope.cancel()
-                return
-            buf += data
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                # Invalidation can wait on a listing the FUSE loop is filling: not here.
-                await trio.to_thread.run_sync(_invalidate, line)
-                await sock.send(b"ok\n")
+        while await sock.recv(4096):
+            pass
+        nursery.cancel_scope.cancel()  # the daemon closed its end, or died
 
 
-def _invalidate(line: bytes) -> None:
-    with contextlib.suppress(OSError):
-        if line == b"changed":
-            pyfuse3.invalidate_inode(SNAPSHOTS_INO)
-        elif line.startswith(b"released "):
-            pyfuse3.invalidate_entry(SNAPSHOTS_INO, line.split(b" ", 1)[1])
+def _fuse_fd() -> int:
+    """This process's /dev/fuse descriptor (pyfuse3 keeps it to itself; there is one)."""
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                return int(name)
+    raise OppieError("no /dev/fuse descriptor in the tree server")
 
 
 async def _watch_signals(scope: trio.CancelScope) -> None:
