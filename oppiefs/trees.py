@@ -71,6 +71,7 @@ class TreeServer:
             cmd += ["-o", opt]
         self.proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
         theirs.close()
+        self.fuse_fd: int | None = None  # the server's /dev/fuse, for invalidation notices
         self.sock = ours
         self.sock.settimeout(READY_TIMEOUT_S)
         try:
@@ -90,9 +91,11 @@ class TreeServer:
         """One notice to the kernel about the server's connection (done when this returns).
         Failures are logged, not raised: the command has already taken effect, and the
         kernel re-reads the listing within its attribute timeout anyway."""
+        if self.fuse_fd is None:
+            return
+        header = _NOTIFY_HEADER.pack(_NOTIFY_HEADER.size + len(body), code, 0)
         try:
-            os.writev(self.fuse_fd, [_NOTIFY_HEADER.pack(_NOTIFY_HEADER.size + len(body), code,
-                                                         0), body])
+            os.writev(self.fuse_fd, [header, body])
         except OSError as exc:
             if exc.errno != errno.ENOENT:  # ENOENT: the kernel had nothing cached
                 log.error("cannot invalidate a snapshot listing: %s", exc.strerror)
@@ -113,7 +116,7 @@ class TreeServer:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
-        if getattr(self, "fuse_fd", None) is not None:
+        if self.fuse_fd is not None:
             os.close(self.fuse_fd)
             self.fuse_fd = None
         try:
