@@ -96,8 +96,9 @@ class Daemon(FixtureDaemon):
 
     @property
     def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+        """The tree server's: it serves the snapshots and holds their inodes (the daemon
+        itself serves only ctl and nodes/)."""
+        return self.tree_server_pid()
 
     def memory(self) -> dict[str, int]:
         out = {}

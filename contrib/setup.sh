@@ -24,25 +24,25 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.oppiefs-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] \
-    || [ contrib/pyfuse3-readdir-ino.patch -nt "$stamp" ]; then
+    || [ contrib/pyfuse3-ino-without-open.patch -nt "$stamp" ]; then
   .venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
-  # pyfuse3 rebuilt from its sdist with contrib/pyfuse3-readdir-ino.patch, so that the
-  # kernel may cache snapshot directory listings (the patch says why). If that fails,
-  # stock pyfuse3 stays and oppiefs works without the directory cache.
-  if ! .venv/bin/python -c "import pyfuse3, sys; sys.exit(not getattr(pyfuse3, 'READDIR_INO_WITHOUT_OPENDIR', False))"; then
+  # pyfuse3 rebuilt from its sdist with contrib/pyfuse3-ino-without-open.patch, so that the
+  # kernel may cache snapshot listings and files without opening them (the patch says why).
+  # If that fails, stock pyfuse3 stays and oppiefs works without both.
+  if ! .venv/bin/python -c "import pyfuse3, sys; sys.exit(not getattr(pyfuse3, 'READ_INO_WITHOUT_OPEN', False))"; then
     version=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('pyfuse3'))")
     build=$(mktemp -d)
     if .venv/bin/pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
           -d "$build" "pyfuse3==$version" 2>/dev/null \
         && tar -xzf "$build/pyfuse3-$version.tar.gz" -C "$build" \
-        && patch -s -d "$build/pyfuse3-$version" -p1 < contrib/pyfuse3-readdir-ino.patch \
+        && patch -s -d "$build/pyfuse3-$version" -p1 < contrib/pyfuse3-ino-without-open.patch \
         && rm -f "$build/pyfuse3-$version/src/pyfuse3/__init__.c" \
         && .venv/bin/pip install -q --disable-pip-version-check --no-deps --force-reinstall \
           "$build/pyfuse3-$version" 2>/dev/null; then
-      echo "setup: pyfuse3 $version rebuilt with contrib/pyfuse3-readdir-ino.patch" >&2
+      echo "setup: pyfuse3 $version rebuilt with contrib/pyfuse3-ino-without-open.patch" >&2
     else
-      echo "setup: WARNING: could not rebuild pyfuse3 with the readdir patch;" \
-           "snapshot directory listings will not be cached by the kernel" >&2
+      echo "setup: WARNING: could not rebuild pyfuse3 with the inode patch;" \
+           "the kernel will not cache snapshot listings, and every open is a round trip" >&2
     fi
     rm -rf "$build"
   fi

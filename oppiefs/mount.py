@@ -1,11 +1,14 @@
 """Start and stop the daemon: stale-mount recovery, pyfuse3 + trio, signals, background mode.
 
-Startup order matters: a mountpoint left by a killed daemon still answers ``stat`` of its
-root from cached attributes, so liveness is probed with ``statvfs`` (ENOTCONN when dead);
-every overlay stacked on a dead mount is detached before the mountpoint is reused. Nodes are
-re-attached only once the FUSE loop is serving, from a worker thread (the overlay mount
-looks up its lowerdir on our own mount). In background mode the parent returns only when
-the child reports ready, or exits non-zero with the reason from the daemon's log.
+The daemon serves ``<mnt>`` (ctl, nodes/, the ``snapshots`` symlink) and runs the tree
+server (trees.py) for the snapshot trees on ``<store>/trees``. Startup order matters: a
+mountpoint left by a killed daemon still answers ``stat`` of its root from cached
+attributes, so liveness is probed with ``statvfs`` (ENOTCONN when dead); every overlay
+stacked on a dead mount is detached before the mountpoint is reused. The tree server is
+up before the daemon mounts; nodes are re-attached once both serve, from a worker thread.
+Shutdown goes the other way: overlays, ``<mnt>``, the tree server. In background mode the
+parent returns only when the child reports ready, or exits non-zero with the reason from
+the daemon's log.
 """
 
 from __future__ import annotations
@@ -27,17 +30,17 @@ import trio
 from . import overlay, tree
 from .control import Control
 from .errors import Busy, InvalidArgument, NotFound, NotMounted, OppieError
-from .fs import Operations, serve_requests
+from .fs import STATS_ENV, Operations, serve_requests
 from .state import StateManager
 from .store import lock_file
-from .vfs import SNAPSHOTS_INO, Vfs
+from .trees import TreeServer, mountpoint_of
+from .vfs import Vfs
 
 log = logging.getLogger("oppiefs.mount")
 
 FSNAME = "oppiefs"
 LOG_NAME = "oppiefs.log"
 LOCK_NAME = "mount.lock"
-READAHEAD_KB = 1024
 
 
 # -- mount table helpers ------------------------------------------------------------------
@@ -86,6 +89,19 @@ def prepare_mountpoint(mountpoint: str) -> None:
         raise InvalidArgument(f"mountpoint {mountpoint} is not a directory")
 
 
+def prepare_trees_mountpoint(path: str, wait_s: float = 5.0) -> None:
+    """Make way for our tree server. One left by a daemon that died (we hold the store
+    lock, so its daemon is gone) exits on its own within moments; whatever is still
+    mounted after ``wait_s`` is detached, with the overlays stacked on it."""
+    deadline = time.monotonic() + wait_s
+    while is_oppiefs_mount(path) and mount_alive(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if is_oppiefs_mount(path):
+        for m in detach_stale(path):
+            log.warning("detached stale mount %s", m)
+    os.makedirs(path, exist_ok=True)
+
+
 def _lock_store(store_dir: Path) -> int:
     """One daemon per store: node dirs and overlays belong to exactly one mount."""
     return lock_file(store_dir / LOCK_NAME, exclusive=True,
@@ -104,11 +120,22 @@ def serve(mountpoint: str, store_dir: Path, *, options: list[str] | None = None,
     prepare_mountpoint(mountpoint)
     lock_fd = _lock_store(store_dir)
     store = tree.open_store(store_dir)
-    state = StateManager(store, mountpoint)
-    fs_vfs = Vfs(state.reader)  # one cache: commits find the trees FUSE lookups decoded
-    ops = Operations(fs_vfs, Control(state), state.node_paths)
-    state.on_released = lambda root: pyfuse3.invalidate_entry_async(
-        SNAPSHOTS_INO, root.encode(), ignore_enoent=True)
+    trees_mnt = mountpoint_of(store_dir)
+    try:
+        prepare_trees_mountpoint(str(trees_mnt))
+        trees = TreeServer(store_dir, options or [])
+    except OppieError:
+        store.close()
+        os.close(lock_fd)
+        raise
+    stats = os.environ.pop(STATS_ENV, None)  # the tree server counts (it serves the trees)
+    if stats:
+        signal.signal(signal.SIGUSR1, lambda *_: os.kill(trees.pid, signal.SIGUSR1))
+    state = StateManager(store, mountpoint, trees_mnt)
+    ops = Operations(Vfs(state.reader), Control(state), state.node_paths,
+                     snapshots_link=os.fsencode(trees_mnt / "snapshots"),
+                     after_command=trees.changed)
+    state.on_released = trees.released
 
     opts = set(pyfuse3.default_options)
     opts |= {f"fsname={FSNAME}", f"subtype={FSNAME}"}
@@ -117,16 +144,17 @@ def serve(mountpoint: str, store_dir: Path, *, options: list[str] | None = None,
     try:
         pyfuse3.init(ops, mountpoint, opts)
     except RuntimeError as exc:
+        trees.stop()
         store.close()
+        os.close(lock_fd)
         raise OppieError(f"cannot mount {mountpoint}: {exc}") from exc
-    log.info("mounted %s (store %s)", mountpoint, store_dir)
-    _set_readahead(mountpoint)
+    log.info("mounted %s (store %s, trees on %s)", mountpoint, store_dir, trees_mnt)
     stop_gc = threading.Event()
     gc_thread = threading.Thread(target=state.run_gc, args=(stop_gc,), name="gc", daemon=True)
     gc_thread.start()
     clean = False
     try:
-        trio.run(_run, state, notify_fd)
+        trio.run(_run, state, trees, notify_fd)
         clean = True
     finally:
         stop_gc.set()
@@ -134,26 +162,14 @@ def serve(mountpoint: str, store_dir: Path, *, options: list[str] | None = None,
         state.detach_all()
         state.mounter.close()
         pyfuse3.close(unmount=True)
+        trees.stop()
         gc_thread.join(timeout=10)
         store.close()
         os.close(lock_fd)
         log.info("unmounted %s%s", mountpoint, "" if clean else " after an error")
 
 
-def _set_readahead(mountpoint: str) -> None:
-    """Read ahead 1 MiB on our mount (the kernel gives FUSE 128 KiB): sequential reads of
-    large files need half the round trips. Found via mountinfo, never by touching the
-    mountpoint (its requests are not being served yet)."""
-    for m in reversed(overlay.mounts()):  # the newest mount there is ours
-        if m.mountpoint == mountpoint and m.fstype.startswith("fuse") and m.device:
-            try:
-                Path(f"/sys/class/bdi/{m.device}/read_ahead_kb").write_text(f"{READAHEAD_KB}\n")
-            except OSError as exc:
-                log.info("cannot raise readahead of %s: %s", mountpoint, exc.strerror)
-            return
-
-
-async def _run(state: StateManager, notify_fd: int | None) -> None:
+async def _run(state: StateManager, trees: TreeServer, notify_fd: int | None) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, nursery.cancel_scope)
 
@@ -161,7 +177,13 @@ async def _run(state: StateManager, notify_fd: int | None) -> None:
             await serve_requests()
             nursery.cancel_scope.cancel()  # unmounted from outside
 
+        async def watch_trees() -> None:
+            code = await trio.to_thread.run_sync(trees.proc.wait, abandon_on_cancel=True)
+            log.error("the tree server exited (%s): shutting down", code)
+            nursery.cancel_scope.cancel()
+
         nursery.start_soon(fuse_main)
+        nursery.start_soon(watch_trees)
         problems = await trio.to_thread.run_sync(state.recover)
         if notify_fd is not None:
             msg = "ok\n" if not problems else "ok " + "; ".join(problems) + "\n"
@@ -238,7 +260,11 @@ def umount(mountpoint: str, *, timeout: float = 30.0) -> None:
     if not mount_alive(mountpoint):
         detach_stale(mountpoint)
         return
-    for m in overlay.overlays_on(mountpoint):
+    try:  # node overlays sit on the tree server's mount, which snapshots/ leads to
+        trees_mnt = os.path.dirname(os.readlink(os.path.join(mountpoint, "snapshots")))
+    except OSError:
+        trees_mnt = mountpoint
+    for m in overlay.overlays_on(trees_mnt):
         overlay.unmount(m)  # Busy if an agent still works inside a node
     res = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
     if res.returncode != 0:
@@ -246,8 +272,9 @@ def umount(mountpoint: str, *, timeout: float = 30.0) -> None:
         if "busy" in msg.lower():
             raise Busy(f"{mountpoint} is busy: {msg}")
         raise NotMounted(msg)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and is_oppiefs_mount(mountpoint):
+    deadline = time.monotonic() + timeout  # the daemon takes its tree server down last
+    while time.monotonic() < deadline and (is_oppiefs_mount(mountpoint)
+                                           or is_oppiefs_mount(trees_mnt)):
         time.sleep(0.05)
 
 

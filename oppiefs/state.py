@@ -52,10 +52,14 @@ def check_node_id(node: str) -> str:
 
 
 class StateManager:
-    def __init__(self, store: Store, mountpoint: str | os.PathLike[str]) -> None:
+    def __init__(self, store: Store, mountpoint: str | os.PathLike[str],
+                 trees: str | os.PathLike[str] | None = None) -> None:
+        """``trees``: where the snapshot trees are mounted (the tree server's mount;
+        default: ``mountpoint`` itself)."""
         self.store = store
         self.reader = tree.Reader(store)
         self.mountpoint = Path(os.path.abspath(mountpoint))
+        self.trees = Path(os.path.abspath(trees)) if trees is not None else self.mountpoint
         self.node_root = store.path / "nodes"
         self.node_root.mkdir(exist_ok=True)
         overlay.spread_subdirs(str(self.node_root))
@@ -78,7 +82,7 @@ class StateManager:
         return base, base / "upper", base / "work", base / "merged"
 
     def _lower(self, root: bytes) -> str:
-        return str(self.mountpoint / "snapshots" / root.hex())
+        return str(self.trees / "snapshots" / root.hex())
 
     def _node_lock(self, node: str) -> threading.Lock:
         with self._lock:
@@ -133,8 +137,9 @@ class StateManager:
         p = tree.host_path_ok(path)
         if ".." in Path(path).parts:
             raise InvalidArgument(f"import path must be normalized (no '..'): {path!r}")
-        if p.resolve() == self.mountpoint or self.mountpoint in p.resolve().parents:
-            raise InvalidArgument(f"cannot import from inside the mount itself: {path}")
+        for served in (self.mountpoint, self.trees):
+            if p.resolve() == served or served in p.resolve().parents:
+                raise InvalidArgument(f"cannot import from inside the mount itself: {path}")
         report = tree.import_dir(self.store, p)
         return {"snapshot": report.root.hex(), "files": report.files, "bytes": report.bytes}
 

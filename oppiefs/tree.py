@@ -446,11 +446,15 @@ class Reader:
                  big_budget: int = BIG_BUDGET) -> None:
         self.store = store
         self.tree: Callable[[bytes], Tree] = functools.lru_cache(maxsize=trees)(self._tree)
+        # Parts of split directories on their own too: a new version of a big directory
+        # shares all but a few parts with the last one, so decoding it is mostly lookups.
+        self._part = functools.lru_cache(maxsize=trees)(self._part_entries)
         self._filemap = functools.lru_cache(maxsize=lists)(self._list)
         self.big_budget = big_budget
         self.big_decoded = 0  # items of large objects decoded since the last clear
         clear_trees = self.tree.cache_clear  # type: ignore[attr-defined]
-        self._clears: list[Callable[[], None]] = [clear_trees, self._filemap.cache_clear]
+        self._clears: list[Callable[[], None]] = [clear_trees, self._part.cache_clear,
+                                                  self._filemap.cache_clear]
 
     def also_clear(self, cache_clear: Callable[[], None]) -> None:
         """Clear another cache of decoded objects (or parts of them) along with ours."""
@@ -475,7 +479,7 @@ class Reader:
         total_bytes, total_files, n, parts = decode_index(payload)
         entries: list[Entry] = []
         for part, count in parts:
-            run = decode_tree(self._tree_payload(part)).entries
+            run = self._part(part)
             if len(run) != count or not run or (entries and entries[-1].name >= run[0].name):
                 raise Corrupt(f"part {part.hex()} does not fit tree index {oid.hex()}")
             entries += run
@@ -483,6 +487,9 @@ class Reader:
             raise Corrupt(f"tree index {oid.hex()} miscounts its entries")
         self._decoded(n)
         return Tree(entries, total_bytes, total_files, parts)
+
+    def _part_entries(self, oid: bytes) -> list[Entry]:
+        return decode_tree(self._tree_payload(oid)).entries
 
     def _tree_payload(self, oid: bytes) -> bytes:
         kind, payload = self.store.get(oid)

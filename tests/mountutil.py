@@ -148,6 +148,16 @@ class Daemon:
         except OSError:
             return ""
 
+    def tree_server_pid(self) -> int:
+        """The daemon's tree server (trees.py): the process that serves snapshot trees."""
+        assert self.proc is not None
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        for pid in map(int, children.split()):
+            with contextlib.suppress(OSError):
+                if b"oppiefs.trees" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return pid
+        raise AssertionError("the daemon runs no tree server")
+
     def kill(self) -> None:
         """SIGKILL the daemon, leaving its (now dead) mounts in place, like a crash."""
         if self.proc is not None and self.proc.poll() is None:
@@ -157,7 +167,7 @@ class Daemon:
     def stop(self) -> None:
         """Unmount everything this daemon served and end it; never leaves a mount."""
         try:
-            for mp in overlays_on(self.mnt):
+            for mp in overlays_on(self.mnt) + overlays_on(self.store / "trees"):
                 lazy_umount(mp)
             if any(mp == str(self.mnt) for mp, _ in mounts_under(self.mnt)):
                 res = subprocess.run(["fusermount3", "-u", str(self.mnt)], capture_output=True)

@@ -1,6 +1,6 @@
 """Directory listings: cached by the kernel where that is safe, fresh where they change.
 
-With a pyfuse3 built with contrib/pyfuse3-readdir-ino.patch the kernel caches every
+With a pyfuse3 built with contrib/pyfuse3-ino-without-open.patch the kernel caches every
 listing (no-opendir mode): a second walk of a snapshot sends no OPENDIR/READDIR at all.
 ``snapshots/`` and ``nodes/`` change, and must show every change: at once after a control
 command, and within the attribute timeout after a store change made outside the daemon.

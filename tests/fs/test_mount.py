@@ -6,6 +6,7 @@ import errno
 import hashlib
 import os
 import random
+import signal
 import subprocess
 import sysconfig
 from pathlib import Path
@@ -14,6 +15,7 @@ import blake3
 import pytest
 
 from oppiefs import tree
+from oppiefs.client import Client
 from tests.mountutil import Daemon, DaemonDied, is_live_mount, mounts_under, oppiefs_cmd
 from tests.treeutil import assert_same_tree, make_odd_tree
 
@@ -72,6 +74,9 @@ def test_layout(served):
     d, ids, _ = served
     assert sorted(os.listdir(d.mnt)) == ["ctl", "nodes", "snapshots"]
     assert sorted(os.listdir(d.mnt / "snapshots")) == sorted(ids.values())
+    # The trees are served by the tree server, on a read-only mount outside <mnt>.
+    assert os.readlink(d.mnt / "snapshots") == str(d.store / "trees" / "snapshots")
+    assert (str(d.store / "trees"), "fuse.oppiefs") in mounts_under(d.store)
     st = os.stat(d.mnt / "ctl")
     assert st.st_mode & 0o777 == 0o600 and st.st_uid == os.getuid()
 
@@ -274,7 +279,7 @@ def test_killed_daemon_remounts_cleanly(tmp_path):
         assert_same_tree(src, d.mnt / "snapshots" / ident)
         res = subprocess.run(oppiefs_cmd("umount", str(d.mnt)), capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
-        assert not mounts_under(d.mnt)
+        assert not mounts_under(tmp_path)  # the tree server's mount went with it
     finally:
         d.stop()
 
@@ -301,9 +306,29 @@ def test_fixture_failure_path(tmp_path):
 def test_umount_plain_fusermount(tmp_path):
     d = Daemon(tmp_path / "mnt", tmp_path / "store").start()
     try:
+        server = d.tree_server_pid()
         subprocess.run(["fusermount3", "-u", str(d.mnt)], check=True)
         assert d.proc is not None
         assert d.proc.wait(20) == 0
-        assert not mounts_under(d.mnt)
+        assert not mounts_under(tmp_path)  # the tree server unmounted and exited too
+        assert not Path(f"/proc/{server}").exists()
+    finally:
+        d.stop()
+
+
+def test_tree_server_death_takes_the_mount_down_cleanly(tmp_path):
+    """Snapshots unreachable is no state to keep serving in: the daemon shuts down, taking
+    its mount, the dead tree server's mount and the node overlays on it along."""
+    src = tmp_path / "src"
+    make_odd_tree(src)
+    d = Daemon(tmp_path / "mnt", tmp_path / "store").start()
+    try:
+        with Client(d.mnt) as c:
+            c.fork(c.import_(src))
+        os.kill(d.tree_server_pid(), signal.SIGKILL)
+        assert d.proc is not None
+        d.proc.wait(30)
+        assert not mounts_under(tmp_path)
+        assert "the tree server exited" in d.log_text()
     finally:
         d.stop()

@@ -1,8 +1,8 @@
 """The module boundaries of DESIGN.md, held by a test.
 
-Only fs.py and mount.py may import pyfuse3 or trio, only store.py lmdb, only chunker.py
-pyfastcdc; and dependencies flow one way (cli -> mount -> fs -> vfs/control -> state ->
-tree/overlay -> store/chunker), so the storage core works without a mount.
+Only fs.py, trees.py and mount.py may import pyfuse3 or trio, only store.py lmdb, only chunker.py
+pyfastcdc; and dependencies flow one way (cli -> mount -> trees -> fs -> vfs/control ->
+state -> tree/overlay -> store/chunker), so the storage core works without a mount.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[2] / "oppiefs"
 
 ALLOWED_THIRD_PARTY = {
-    "pyfuse3": {"fs", "mount"},
-    "trio": {"fs", "mount"},
+    "pyfuse3": {"fs", "trees", "mount"},
+    "trio": {"fs", "trees", "mount"},
     "lmdb": {"store"},
     "pyfastcdc": {"chunker"},
 }
@@ -29,7 +29,8 @@ BELOW = {
     "control": {"errors", "state"},
     "vfs": {"errors", "store", "tree"},
     "fs": {"errors", "vfs", "control", "tree", "store", "state"},
-    "mount": {"errors", "fs", "vfs", "control", "state", "tree", "overlay", "store"},
+    "trees": {"errors", "fs", "vfs", "tree", "overlay", "store"},
+    "mount": {"errors", "trees", "fs", "vfs", "control", "state", "tree", "overlay", "store"},
     "client": {"errors"},
 }
 

@@ -240,3 +240,23 @@ def test_large_decoded_trees_do_not_pile_up_in_the_caches(
         names = [e.name for e in reader.tree(oid).entries]
         assert f"version-{k}".encode() in names and len(names) == 302
     assert [e.name for e in decoded[0].entries] == [e.name for e in reader.tree(bigs[0]).entries]
+
+
+def test_a_new_version_of_a_split_directory_decodes_only_its_new_parts(
+        store: Store, tmp_path: Path) -> None:
+    """Each commit makes a new version of the big directories on its paths; their parts are
+    mostly the old ones, cached on their own, so a commit's decode follows its change."""
+    names = _names(2000, 4)
+    _fill(tmp_path / "src", names)
+    v1 = tree.import_dir(store, tmp_path / "src").root
+    (tmp_path / "src" / "big" / os.fsdecode(names[100])).write_bytes(b"changed")
+    v2 = tree.import_dir(store, tmp_path / "src").root
+    reader = tree.Reader(store)
+    one = reader.tree(reader.lookup(v1, "big").ref)
+    misses = reader._part.cache_info().misses  # type: ignore[attr-defined]
+    two = reader.tree(reader.lookup(v2, "big").ref)
+    assert one.parts is not None and two.parts is not None and len(one.parts) > 20
+    new_parts = len(set(two.parts) - set(one.parts))
+    assert new_parts == 1
+    assert reader._part.cache_info().misses - misses == new_parts  # type: ignore[attr-defined]
+    assert [e.name for e in two.entries] == [e.name for e in one.entries]
