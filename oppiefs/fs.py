@@ -222,6 +222,15 @@ async def serve_requests(burst: int = BURST) -> None:
         pyfuse3.trio = saved  # type: ignore[attr-defined]
 
 
+async def watch_signals(scope: trio.CancelScope) -> None:
+    """End the serving loop (``scope``) on SIGTERM, SIGINT or SIGHUP."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for sig in signals:
+            log.info("signal %d: shutting down", sig)
+            scope.cancel()
+            return
+
+
 def _load_malloc_trim() -> Callable[[int], int] | None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

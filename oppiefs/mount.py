@@ -30,7 +30,7 @@ import trio
 from . import overlay, tree
 from .control import Control
 from .errors import Busy, InvalidArgument, NotFound, NotMounted, OppieError
-from .fs import STATS_ENV, Operations, serve_requests
+from .fs import STATS_ENV, Operations, serve_requests, watch_signals
 from .state import StateManager
 from .store import lock_file
 from .trees import TreeServer, mountpoint_of
@@ -171,7 +171,7 @@ def serve(mountpoint: str, store_dir: Path, *, options: list[str] | None = None,
 
 async def _run(state: StateManager, trees: TreeServer, notify_fd: int | None) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_watch_signals, nursery.cancel_scope)
+        nursery.start_soon(watch_signals, nursery.cancel_scope)
 
         async def fuse_main() -> None:
             await serve_requests()
@@ -189,14 +189,6 @@ async def _run(state: StateManager, trees: TreeServer, notify_fd: int | None) ->
             msg = "ok\n" if not problems else "ok " + "; ".join(problems) + "\n"
             os.write(notify_fd, msg.encode())
             os.close(notify_fd)
-
-
-async def _watch_signals(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for sig in signals:
-            log.info("signal %d: shutting down", sig)
-            scope.cancel()
-            return
 
 
 # -- background start / stop ----------------------------------------------------------------

@@ -38,7 +38,7 @@ import trio
 
 from . import overlay, tree
 from .errors import OppieError
-from .fs import Operations, serve_requests
+from .fs import Operations, serve_requests, watch_signals
 from .vfs import SNAPSHOTS_INO, Vfs
 
 log = logging.getLogger("oppiefs.trees")
@@ -166,7 +166,7 @@ async def _run(ipc: socket.socket) -> None:
             nursery.cancel_scope.cancel()
 
         nursery.start_soon(fuse_main)
-        nursery.start_soon(_watch_signals, nursery.cancel_scope)
+        nursery.start_soon(watch_signals, nursery.cancel_scope)
         socket.send_fds(ipc, [b"ready\n"], [_fuse_fd()])
         sock = trio.socket.from_stdlib_socket(ipc)
         while await sock.recv(4096):
@@ -181,13 +181,6 @@ def _fuse_fd() -> int:
             if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
                 return int(name)
     raise OppieError("no /dev/fuse descriptor in the tree server")
-
-
-async def _watch_signals(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for _ in signals:
-            scope.cancel()
-            return
 
 
 def set_readahead(mountpoint: str) -> None:
