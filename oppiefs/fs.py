@@ -282,6 +282,9 @@ class Operations(pyfuse3.Operations):
         self.node_paths = node_paths or (lambda: {})
         self.snapshots_link = snapshots_link
         self.after_command = after_command
+        # Listings of this connection that commands change (snapshots/ may be a symlink).
+        self._listings = (V.NODES_INO,) if snapshots_link is not None else (
+            V.SNAPSHOTS_INO, V.NODES_INO)
         # The kernel's no-open mode is connection-wide: only where no ctl needs its OPEN.
         self.no_open = NO_OPEN and control is None
         self.sessions: dict[int, Session] = {}
@@ -538,7 +541,7 @@ class Operations(pyfuse3.Operations):
         reply = self.control.execute(line)
         if not read_only(line):
             if NO_OPENDIR:
-                for ino in (V.SNAPSHOTS_INO, V.NODES_INO):
+                for ino in self._listings:
                     with contextlib.suppress(OSError):
                         pyfuse3.invalidate_inode(ino)
             self.after_command()

@@ -64,22 +64,11 @@ def mount_alive(path: str) -> bool:
     return True
 
 
-def detach_stale(mountpoint: str) -> list[str]:
-    """Lazily unmount a dead FUSE mount and every overlay stacked on it; returns what went."""
-    gone = []
-    for m in overlay.overlays_on(mountpoint):
-        overlay.unmount(m, lazy=True)
-        gone.append(m)
-    overlay.unmount(mountpoint, lazy=True)
-    gone.append(mountpoint)
-    return gone
-
-
 def prepare_mountpoint(mountpoint: str) -> None:
     if is_oppiefs_mount(mountpoint):
         if mount_alive(mountpoint):
             raise Busy(f"{mountpoint} is already mounted and alive")
-        for m in detach_stale(mountpoint):
+        for m in overlay.detach_stale(mountpoint):
             log.warning("detached stale mount %s", m)
     try:
         os.makedirs(mountpoint, exist_ok=True)
@@ -97,7 +86,7 @@ def prepare_trees_mountpoint(path: str, wait_s: float = 5.0) -> None:
     while is_oppiefs_mount(path) and mount_alive(path) and time.monotonic() < deadline:
         time.sleep(0.05)
     if is_oppiefs_mount(path):
-        for m in detach_stale(path):
+        for m in overlay.detach_stale(path):
             log.warning("detached stale mount %s", m)
     os.makedirs(path, exist_ok=True)
 
@@ -250,7 +239,7 @@ def umount(mountpoint: str, *, timeout: float = 30.0) -> None:
     if not is_oppiefs_mount(mountpoint):
         raise NotFound(f"{mountpoint} is not an oppiefs mount")
     if not mount_alive(mountpoint):
-        detach_stale(mountpoint)
+        overlay.detach_stale(mountpoint)
         return
     try:  # node overlays sit on the tree server's mount, which snapshots/ leads to
         trees_mnt = os.path.dirname(os.readlink(os.path.join(mountpoint, "snapshots")))

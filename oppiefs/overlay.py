@@ -229,6 +229,18 @@ def is_mounted(path: str) -> bool:
     return any(m.mountpoint == path for m in mounts())
 
 
+def detach_stale(mountpoint: str) -> list[str]:
+    """Lazily unmount a (dead) FUSE mount and every overlay stacked on it; returns what
+    went."""
+    gone = []
+    for m in overlays_on(mountpoint):
+        unmount(m, lazy=True)
+        gone.append(m)
+    unmount(mountpoint, lazy=True)
+    gone.append(mountpoint)
+    return gone
+
+
 def overlays_on(lower_prefix: str) -> list[str]:
     """Mountpoints of overlays whose lowerdir lies under ``lower_prefix``."""
     prefix = lower_prefix.rstrip("/") + "/"

@@ -62,8 +62,7 @@ class TreeServer:
     """The daemon's handle on its tree server process."""
 
     def __init__(self, store_dir: Path, options: list[str]) -> None:
-        self.mountpoint = mountpoint_of(store_dir)
-        self.mountpoint.mkdir(exist_ok=True)
+        self.mountpoint = mountpoint_of(store_dir)  # made ready by the daemon
         ours, theirs = socket.socketpair()
         cmd = [sys.executable, "-m", "oppiefs.trees", "--store", str(store_dir),
                "--ipc-fd", str(theirs.fileno()), str(self.mountpoint)]
@@ -124,11 +123,8 @@ class TreeServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        mnt = str(self.mountpoint)
-        if overlay.is_mounted(mnt):
-            for m in overlay.overlays_on(mnt):
-                overlay.unmount(m, lazy=True)
-            overlay.unmount(mnt, lazy=True)
+        if overlay.is_mounted(str(self.mountpoint)):
+            overlay.detach_stale(str(self.mountpoint))
 
 
 # -- the server process ---------------------------------------------------------------------
