@@ -10,8 +10,9 @@ Named databases:
   counts     slot -> u64 count of references from other objects and snapshot records
   zero       oid -> u64 generation at which the object became (or was found) unreferenced;
              the sweeper's work list, so GC never scans the whole store
-  pending    u64 sequence -> concatenated child oids: reference increments logged by the
-             transaction that wrote their parent, applied in bulk by the sweeper
+  pending    u64 sequence -> reference increments logged by the transaction that wrote
+             their parents, applied in bulk by the sweeper: concatenated child oids (+1
+             each), or b"P" + concatenated parent oids (+1 for every child of each)
   snapshots  root oid -> JSON record {refs, pins, parent, time, bytes, files}
   nodes      node name -> JSON record (owned by state.py, stored here for atomicity)
   files      host path -> what an import last read there (tree.py's files cache)
@@ -28,7 +29,11 @@ Why the increment log: re-encoding a directory of N entries adds N edges, and bu
 counts spread over random B-tree pages made every commit write megabytes. The publishing
 transaction instead appends the increments to ``pending`` (sequential pages); the
 reference state is ``counts`` + ``pending``, changed atomically, and every sweep transaction
-first applies the whole log, so counts are exact whenever a deletion is decided.
+first applies the whole log, so counts are exact whenever a deletion is decided. A commit
+logs its new directories themselves (a parent record, 32 bytes per directory) rather than
+their children (32 bytes per entry): on a tree of big directories the children made the
+log the biggest write of a commit, and listing them its biggest loop; the sweeper decodes
+the parents when it applies the record.
 
 Why data and counts are keyed by slot, not by id: ids are random, so every new object
 landed on its own B-tree page and the counts of one directory's children sat on as many
@@ -55,7 +60,7 @@ import shutil
 import struct
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,7 +86,10 @@ KINDS = (KIND_CHUNK, KIND_LIST, KIND_TREE)
 log = logging.getLogger("oppiefs.store")
 
 ChildrenOf = Callable[[bytes, bytes], Iterable[bytes]]
-Batch = dict[bytes, tuple[bytes, bytes, "Iterable[bytes] | None"]]  # oid -> kind, payload, refs
+# oid -> kind, payload, refs, deferred: ``refs`` are the object's children (None: decode
+# them), or when ``deferred`` only those that may be new (the drain counts all of them).
+Batch = dict[bytes, tuple[bytes, bytes, "Iterable[bytes] | None", bool]]
+_PARENTS = b"P"  # a ``pending`` record of parent oids (else: of child oids)
 
 _U64 = struct.Struct("<Q")
 # Logged increments applied per transaction (summed per object first): small while the log
@@ -469,8 +477,8 @@ class Store:
         with self.env.begin() as txn:
             slot = txn.get(oid, db=self.db["slots"])
             count = self._count_at(txn, slot) if slot is not None else 0
-            logged = sum(raw_log[i:i + 32] == oid for _, raw_log in txn.cursor(
-                db=self.db["pending"]) for i in range(0, len(raw_log), 32))
+            logged = sum(child == oid for _, children in self._logged(txn)
+                         for child in children)
         return count + logged
 
     # -- reference counting (inside a caller's write txn) ------------------------------
@@ -514,26 +522,46 @@ class Store:
             txn.delete(oid, db=self.db["zero"])
         txn.put(slot, _U64.pack(count + by), db=self.db["counts"])
 
-    def _log_increments(self, txn: lmdb.Transaction, children: list[bytes],
-                        vouched: Collection[bytes] = frozenset()) -> None:
-        """Record +1 for each child (applied by ``_drain``); children must exist.
-
-        The check skips ``vouched`` ids (entries of a pinned tree the writer derived from):
-        on a large tree a commit's new directories carry hundreds of unchanged entries, and
-        a random-key lookup for each cost a fifth of the commit.
-        """
+    def _log_increments(self, txn: lmdb.Transaction, children: list[bytes]) -> None:
+        """Record +1 for each child (applied by ``_drain``); children must exist."""
         if not children:
             return
         slots = self.db["slots"]
         for child in children:
-            if child not in vouched and txn.get(child, db=slots) is None:
+            if txn.get(child, db=slots) is None:
                 raise Corrupt(f"reference to missing object {child.hex()}")
+        self._append_log(txn, b"".join(children))
+
+    def _log_parents(self, txn: lmdb.Transaction, parents: list[bytes]) -> None:
+        """Record +1 for every child of each of ``parents`` (stored objects), applied by
+        ``_drain``, which decodes them: 32 bytes per parent instead of per child."""
+        if parents:
+            self._append_log(txn, _PARENTS + b"".join(parents))
+
+    def _append_log(self, txn: lmdb.Transaction, record: bytes) -> None:
         seq = self._meta_int(txn, b"pseq") + 1
         self._set_meta_int(txn, b"pseq", seq)
         # Big-endian keys sort in sequence order, so appends stay on the last page.
-        if not txn.put(seq.to_bytes(8, "big"), b"".join(children), db=self.db["pending"],
-                       append=True):
+        if not txn.put(seq.to_bytes(8, "big"), record, db=self.db["pending"], append=True):
             raise Corrupt("reference log out of order")
+
+    def _logged(self, txn: lmdb.Transaction) -> Iterator[tuple[bytes, list[bytes]]]:
+        """(key, child oids to count +1) of each record of the increment log, oldest first.
+        A parent record's parents are decoded: they stay stored at least until it is
+        applied (every sweep applies the whole log before it deletes anything)."""
+        for key, raw in txn.cursor(db=self.db["pending"]):
+            if raw[:1] != _PARENTS:
+                yield key, [raw[i:i + 32] for i in range(0, len(raw), 32)]
+                continue
+            children: list[bytes] = []
+            for i in range(1, len(raw), 32):
+                parent = raw[i:i + 32]
+                slot = txn.get(parent, db=self.db["slots"])
+                stored = txn.get(slot, db=self.db["data"]) if slot is not None else None
+                if stored is None:
+                    raise Corrupt(f"logged parent {parent.hex()} is missing")
+                children += self.children_of(stored[:1], stored[1:])
+            yield key, children
 
     def _drain(self, txn: lmdb.Transaction, limit: int | None = None) -> bool:
         """Apply logged increments, oldest first (all, or about ``limit``); True if some left.
@@ -545,13 +573,11 @@ class Store:
         counts: dict[bytes, int] = {}
         done = []
         n = 0
-        cur = txn.cursor(db=pending)
-        for key, raw in cur:
-            for i in range(0, len(raw), 32):
-                oid = raw[i:i + 32]
+        for key, children in self._logged(txn):
+            for oid in children:
                 counts[oid] = counts.get(oid, 0) + 1
             done.append(key)
-            n += len(raw) // 32
+            n += len(children)
             if limit is not None and n >= limit:
                 break
         for oid, by in counts.items():
@@ -575,7 +601,7 @@ class Store:
 
     def _write_batch(self, txn: lmdb.Transaction, batch: Batch, gen: int,
                      reused: Iterable[bytes] = (), files: dict[bytes, bytes] | None = None,
-                     heal: bool = False, vouched: Collection[bytes] = frozenset()) -> None:
+                     heal: bool = False) -> None:
         """Store a batch of objects (touching existing unreferenced ones so GC spares them).
 
         References between objects new in this batch are counted directly (an imported file's
@@ -602,7 +628,17 @@ class Store:
                 self._heal(txn, oid, item[0], item[1])
         inside: dict[bytes, int] = {}
         outside: list[bytes] = []
-        for kind, payload, children in new.values():
+        parents: list[bytes] = []
+        logged: set[bytes] = set()  # new objects a parent record will count
+        for oid, (kind, payload, children, deferred) in new.items():
+            if deferred:
+                parents.append(oid)
+                for child in children or ():
+                    if child in new:
+                        logged.add(child)
+                    elif txn.get(child, db=slots) is None:
+                        raise Corrupt(f"reference to missing object {child.hex()}")
+                continue
             for child in self.children_of(kind, payload) if children is None else children:
                 if child in new:
                     inside[child] = inside.get(child, 0) + 1
@@ -611,15 +647,16 @@ class Store:
         nbytes = 0
         data = self.db["data"]
         first = self._reserve_slots(txn, len(new)) if new else 0
-        for n, (oid, (kind, payload, _)) in enumerate(new.items(), first):
+        for n, (oid, (kind, payload, _, _)) in enumerate(new.items(), first):
             count = inside.get(oid, 0)
             slot = self._new_slot(txn, oid, count, n)
             if not txn.put(slot, kind + payload, db=data, append=True):
                 raise Corrupt("object slots out of order")
-            if not count:
+            if not count and oid not in logged:
                 txn.put(oid, _U64.pack(gen), db=zero)
             nbytes += len(payload)
-        self._log_increments(txn, outside, vouched)
+        self._log_increments(txn, outside)
+        self._log_parents(txn, parents)
         if new:
             self._set_meta_int(txn, b"objects", self._meta_int(txn, b"objects") + len(new))
             self._set_meta_int(txn, b"stored_bytes",
@@ -872,8 +909,7 @@ class Store:
     def garbage(self) -> int:
         """Unreferenced objects waiting for the sweeper (logged increments counted in)."""
         with self.env.begin() as txn:
-            incoming = {raw[i:i + 32] for _, raw in txn.cursor(db=self.db["pending"])
-                        for i in range(0, len(raw), 32)}
+            incoming = {child for _, children in self._logged(txn) for child in children}
             return sum(1 for oid, _ in txn.cursor(db=self.db["zero"]) if oid not in incoming)
 
     # -- statistics -----------------------------------------------------------------------
@@ -942,9 +978,12 @@ class Store:
         stray -= set(slots.values())
         if stray:
             findings.append(f"{len(stray)} stored objects have no id record (unreachable)")
-        for _, raw in txn.cursor(db=self.db["pending"]):  # logged, not yet applied
-            for i in range(0, len(raw), 32):
-                actual[raw[i:i + 32]] = actual.get(raw[i:i + 32], 0) + 1
+        try:
+            for _, children in self._logged(txn):  # logged, not yet applied
+                for child in children:
+                    actual[child] = actual.get(child, 0) + 1
+        except OppieError as exc:
+            findings.append(f"reference log unreadable: {exc}")
         queued = {k for k, _ in txn.cursor(db=self.db["zero"])}
         for oid in present:
             want, have = expected.get(oid, 0), actual.get(oid, 0)
@@ -1025,16 +1064,23 @@ class Writer:
         self.pending_bytes = 0
         self.reused: list[bytes] = []
         self.files: dict[bytes, bytes] = {}
-        self.vouched: set[bytes] = set()
         self.closed = False
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def put(self, kind: bytes, payload: bytes, children: Iterable[bytes] | None = None) -> bytes:
-        """Queue an object; ``children`` (its references) spares decoding it again."""
+    def put(self, kind: bytes, payload: bytes, children: Iterable[bytes] | None = None,
+            *, deferred: bool = False) -> bytes:
+        """Queue an object; ``children`` (its references) spares decoding it again.
+
+        ``deferred``: its children are counted later, by the sweeper (which decodes it), and
+        ``children`` needs to hold only those that may not be stored yet: the others must be
+        known to stay stored for the whole session (entries carried over from a tree the
+        caller keeps pinned). A commit's directories are mostly such entries, and listing
+        them was most of a commit's work and of its log.
+        """
         oid = oid_of(payload)
         if oid not in self.pending:
-            self.pending[oid] = (kind, bytes(payload), children)
+            self.pending[oid] = (kind, bytes(payload), children, deferred)
             self.pending_bytes += len(payload)
             if self.pending_bytes >= self.batch_bytes:
                 self.flush()
@@ -1043,11 +1089,6 @@ class Writer:
     def reuse(self, oid: bytes) -> None:
         """Reference a stored object without its bytes; the batch checks it still exists."""
         self.reused.append(oid)
-
-    def vouch(self, oids: Iterable[bytes]) -> None:
-        """Ids known to exist for the whole session (referenced by a tree the caller keeps
-        pinned): new objects' references to them need no existence check."""
-        self.vouched.update(oids)
 
     def cache_file(self, key: bytes, record: bytes) -> None:
         self.files[key] = record
@@ -1065,7 +1106,7 @@ class Writer:
         def commit() -> None:
             try:
                 self.store.write(lambda txn: self.store._write_batch(
-                    txn, batch, sid, reused, files, self.heal, self.vouched), "write objects")
+                    txn, batch, sid, reused, files, self.heal), "write objects")
             except BaseException as exc:
                 self._error = exc
 
@@ -1083,8 +1124,7 @@ class Writer:
 
     def _flush_in(self, txn: lmdb.Transaction) -> None:
         gen = self.sid if self.sid is not None else self.store._meta_int(txn, b"gen")
-        self.store._write_batch(txn, self.pending, gen, self.reused, self.files, self.heal,
-                                self.vouched)
+        self.store._write_batch(txn, self.pending, gen, self.reused, self.files, self.heal)
 
     def _after_flush(self) -> None:
         self.pending.clear()

@@ -127,6 +127,17 @@ class Tree:
         return None if i is None else self.entries[i]
 
     @functools.cached_property
+    def names(self) -> list[bytes]:
+        return [e.name for e in self.entries]
+
+    @functools.cached_property
+    def offsets(self) -> list[int]:
+        """Where each entry's record starts in the encoded tree, then where the last ends
+        (of a one-object tree: what ``splice_tree`` copies)."""
+        return list(itertools.accumulate(map(_record_size, self.entries),
+                                         initial=len(TREE_MAGIC) + _HEAD.size))
+
+    @functools.cached_property
     def tally(self) -> Tally:
         """Totals a commit keeps up to date by difference instead of recounting."""
         tally = Tally.of(self.entries)
@@ -186,24 +197,62 @@ def encode_tree(entries: list[Entry], sub_bytes: int = 0,
     """
     entries = sorted(entries, key=lambda e: e.name)
     total_bytes, total_files = sub_bytes, sub_files
-    parts = []
+    parts: list[bytes] = []
     prev = None
     for e in entries:
         if e.name == prev:
             raise InvalidArgument(f"duplicate name {e.name!r} in directory")
         prev = e.name
-        parts.append(_ENTRY.pack(e.type, e.mode, e.uid, e.gid, e.size, e.mtime_ns, len(e.name)))
-        parts.append(e.name)
-        if e.type == T_SYMLINK:
-            parts.append(_U16.pack(len(e.target)))
-            parts.append(e.target)
-        else:
-            parts.append(e.ref)
+        _pack_entry(parts, e)
         if e.is_file:
             total_bytes += e.size
             total_files += 1
     payload = b"".join([TREE_MAGIC, _HEAD.pack(total_bytes, total_files, len(entries)), *parts])
     return payload, total_bytes, total_files
+
+
+def _pack_entry(out: list[bytes], e: Entry) -> None:
+    out.append(_ENTRY.pack(e.type, e.mode, e.uid, e.gid, e.size, e.mtime_ns, len(e.name)))
+    out.append(e.name)
+    if e.type == T_SYMLINK:
+        out.append(_U16.pack(len(e.target)))
+        out.append(e.target)
+    else:
+        out.append(e.ref)
+
+
+def _record_size(e: Entry) -> int:
+    return _ENTRY.size + len(e.name) + (2 + len(e.target) if e.type == T_SYMLINK else 32)
+
+
+def splice_tree(payload: bytes, lower: Tree, changes: dict[bytes, Entry | None],
+                tally: Tally) -> tuple[bytes, Tree]:
+    """``lower`` (a one-object tree encoded as ``payload``) with ``changes`` applied:
+    the payload ``encode_tree`` would give, and its decoded tree.
+
+    A commit changes a few names of a directory that may hold a hundred: the unchanged
+    entries' bytes are copied in runs and their entries in slices, so the cost follows the
+    number of changes, not the size of the directory (encoding every entry again was the
+    biggest part of a commit on a tree of big directories). ``tally`` holds the new totals.
+    """
+    offsets = lower.offsets
+    pieces = [TREE_MAGIC, b""]
+    entries: list[Entry] = []
+    pos = 0  # entries of lower before pos are placed
+    for name in sorted(changes):
+        at = lower.index_of(name)
+        end = at if at is not None else bisect.bisect_left(lower.names, name)
+        pieces.append(payload[offsets[pos]:offsets[end]])
+        entries += lower.entries[pos:end]
+        pos = end + 1 if at is not None else end
+        e = changes[name]
+        if e is not None:
+            _pack_entry(pieces, e)
+            entries.append(e)
+    pieces.append(payload[offsets[pos]:offsets[-1]])
+    entries += lower.entries[pos:]
+    pieces[1] = _HEAD.pack(tally.bytes, tally.files, len(entries))
+    return b"".join(pieces), Tree(entries, tally.bytes, tally.files)
 
 
 def subtree_entries(entries: list[Entry]) -> int:
@@ -212,46 +261,63 @@ def subtree_entries(entries: list[Entry]) -> int:
 
 
 def put_tree(w: Writer, entries: list[Entry], sub_bytes: int, sub_files: int,
-             tally: Tally | None = None) -> Built:
+             tally: Tally | None = None, fresh: set[bytes] | None = None) -> Built:
     """Store a directory (split into parts when large). ``tally``: the totals, when the
-    caller kept them (spares passes over every entry)."""
+    caller kept them (spares passes over every entry). ``fresh``: the names of the only
+    entries that may reference objects not stored yet (a commit's changes; the others come
+    from a pinned tree): the store then counts the references later (``Writer.put``)."""
     if len(entries) <= SPLIT_OVER:
         payload, nbytes, nfiles = encode_tree(entries, sub_bytes, sub_files)
-        oid = w.put(KIND_TREE, payload, _entry_refs(entries))
+        oid = _put_dir(w, payload, entries, fresh)
         below = tally.entries if tally is not None else subtree_entries(entries)
         return Built(oid, below, nbytes, nfiles)
     entries = sorted(entries, key=_name)
     for a, b in itertools.pairwise(entries):
         if a.name == b.name:
             raise InvalidArgument(f"duplicate name {a.name!r} in directory")
-    parts = [_put_part(w, entries[start:end]) for start, end in cut_parts(entries)]
+    parts = [_put_part(w, entries[start:end], fresh) for start, end in cut_parts(entries)]
     return _put_index(w, parts, len(entries),
-                      tally if tally is not None else Tally.of(entries, sub_bytes, sub_files))
+                      tally if tally is not None else Tally.of(entries, sub_bytes, sub_files),
+                      None if fresh is None else set(parts))
+
+
+def _put_dir(w: Writer, payload: bytes, entries: list[Entry], fresh: set[bytes] | None) -> bytes:
+    if fresh is None:
+        return w.put(KIND_TREE, payload, _entry_refs(entries))
+    return w.put(KIND_TREE, payload, _entry_refs([e for e in entries if e.name in fresh]),
+                 deferred=True)
 
 
 def put_changes(w: Writer, lower: Tree | None, changes: dict[bytes, Entry | None],
-                tally: Tally) -> Built:
+                tally: Tally, reader: Reader | None = None, base: bytes | None = None) -> Built:
     """Store ``lower`` with ``changes`` applied (name -> new entry; None: removed).
 
-    ``tally`` holds the new totals. Of a split directory only the runs of parts that a
-    changed name falls into are merged and cut again (extended until a cut lands on an old
-    part end), so a commit costs O(changed parts), not O(directory size), and the result
-    is the tree a fresh build of the same entries gives.
+    ``tally`` holds the new totals. A small directory is spliced (``splice_tree``: given
+    the ``reader`` it was read with and its id ``base``), and the new tree handed to the
+    reader, which the next commit on top of this one wants. Of a split directory only the
+    runs of parts that a changed name falls into are merged and cut again (extended until a
+    cut lands on an old part end), so a commit costs O(changed parts), not O(directory
+    size), and the result is the tree a fresh build of the same entries gives.
     """
     old_n = len(lower.entries) if lower is not None else 0
     n = old_n + sum((e is not None) - (lower is not None and lower.get(name) is not None)
                     for name, e in changes.items())
+    fresh = set(changes)
+    if (lower is not None and lower.parts is None and n <= SPLIT_OVER and reader is not None
+            and base is not None):
+        payload, new = splice_tree(reader.payload(base), lower, changes, tally)
+        oid = _put_dir(w, payload, [e for e in changes.values() if e is not None], fresh)
+        reader.remember(oid, new)
+        return Built(oid, tally.entries, tally.bytes, tally.files)
     if lower is None or lower.parts is None or n <= SPLIT_OVER:
         merged = {e.name: e for e in lower.entries} if lower is not None else {}
-        if lower is not None:
-            w.vouch(_entry_refs(lower.entries))
         for name, e in changes.items():
             if e is None:
                 merged.pop(name, None)
             else:
                 merged[name] = e
         return put_tree(w, list(merged.values()), tally.bytes - tally.direct_bytes,
-                        tally.files - tally.direct_files, tally)
+                        tally.files - tally.direct_files, tally, fresh)
     old = lower.parts
     starts = list(itertools.accumulate((count for _, count in old), initial=0))
     lasts = [lower.entries[end - 1].name for end in starts[1:]]
@@ -261,7 +327,6 @@ def put_changes(w: Writer, lower: Tree | None, changes: dict[bytes, Entry | None
 
     def merged_run(first: int, last: int) -> list[Entry]:
         run = lower.entries[starts[first]:starts[last + 1]]
-        w.vouch(_entry_refs(run))
         by_name = {e.name: e for e in run}
         for k in range(first, last + 1):
             for name in touched.get(k, ()):
@@ -273,6 +338,7 @@ def put_changes(w: Writer, lower: Tree | None, changes: dict[bytes, Entry | None
         return sorted(by_name.values(), key=_name)
 
     parts: list[tuple[bytes, int]] = []
+    new_parts: set[tuple[bytes, int]] = set()
     k = 0
     while k < len(old):
         if k not in touched:
@@ -288,21 +354,27 @@ def put_changes(w: Writer, lower: Tree | None, changes: dict[bytes, Entry | None
             if last + 1 == len(old) or not run or _closes(run, *cuts[-1]):
                 break
             last += 1  # the run's end is no cut any more: take in the next part
-        parts += [_put_part(w, run[start:end]) for start, end in cuts]
+        new = [_put_part(w, run[start:end], fresh) for start, end in cuts]
+        parts += new
+        new_parts.update(new)
         k = last + 1
-    w.vouch(oid for oid, _ in old)
-    return _put_index(w, parts, n, tally)
+    return _put_index(w, parts, n, tally, new_parts)
 
 
-def _put_part(w: Writer, run: list[Entry]) -> tuple[bytes, int]:
+def _put_part(w: Writer, run: list[Entry], fresh: set[bytes] | None) -> tuple[bytes, int]:
     payload, _, _ = encode_tree(run)
-    return w.put(KIND_TREE, payload, _entry_refs(run)), len(run)
+    return _put_dir(w, payload, run, fresh), len(run)
 
 
-def _put_index(w: Writer, parts: list[tuple[bytes, int]], n: int, tally: Tally) -> Built:
+def _put_index(w: Writer, parts: list[tuple[bytes, int]], n: int, tally: Tally,
+               fresh: set[tuple[bytes, int]] | None = None) -> Built:
+    """``fresh``: the parts written by this session (see ``put_tree``)."""
     payload = b"".join([INDEX_MAGIC, _IDX_HEAD.pack(tally.bytes, tally.files, n, len(parts)),
                         *(_LIST_ITEM.pack(oid, count) for oid, count in parts)])
-    oid = w.put(KIND_TREE, payload, [oid for oid, _ in parts])
+    if fresh is None:
+        oid = w.put(KIND_TREE, payload, [oid for oid, _ in parts])
+    else:
+        oid = w.put(KIND_TREE, payload, [oid for oid, _ in fresh], deferred=True)
     return Built(oid, tally.entries, tally.bytes, tally.files)
 
 
@@ -428,6 +500,7 @@ class FileMap(NamedTuple):
 
 BIG_ITEMS = 1024  # a decoded object with more items (entries, chunks) counts as large
 BIG_BUDGET = 512 * 1024  # items of large objects decoded before the caches start over
+WRITTEN_MAX = 1024  # trees a Reader keeps from commits until they are looked up
 
 
 class Reader:
@@ -451,6 +524,7 @@ class Reader:
         self._part = functools.lru_cache(maxsize=trees)(self._part_entries)
         self._filemap = functools.lru_cache(maxsize=lists)(self._list)
         self.big_budget = big_budget
+        self._written: dict[bytes, Tree] = {}  # see remember()
         self.big_decoded = 0  # items of large objects decoded since the last clear
         clear_trees = self.tree.cache_clear  # type: ignore[attr-defined]
         self._clears: list[Callable[[], None]] = [clear_trees, self._part.cache_clear,
@@ -473,6 +547,9 @@ class Reader:
                 self.clear()
 
     def _tree(self, oid: bytes) -> Tree:
+        written = self._written.pop(oid, None)
+        if written is not None:
+            return written
         payload = self._tree_payload(oid)
         if payload[:8] != INDEX_MAGIC:
             return decode_tree(payload)
@@ -490,6 +567,17 @@ class Reader:
 
     def _part_entries(self, oid: bytes) -> list[Entry]:
         return decode_tree(self._tree_payload(oid)).entries
+
+    def remember(self, oid: bytes, tree: Tree) -> None:
+        """A tree just written (and not decoded from the store): the next ``tree(oid)``
+        takes it instead of decoding it. Bounded; the oldest are forgotten first."""
+        self._written[oid] = tree
+        if len(self._written) > WRITTEN_MAX:
+            del self._written[next(iter(self._written))]
+
+    def payload(self, oid: bytes) -> bytes:
+        """A tree object's encoded bytes (verified)."""
+        return self._tree_payload(oid)
 
     def _tree_payload(self, oid: bytes) -> bytes:
         kind, payload = self.store.get(oid)
@@ -914,4 +1002,4 @@ def apply_upper(reader: Reader, w: Writer, base: bytes | None, upper: bytes,
             raise Unsupported(f"{os.fsdecode(item.path)}: unknown upper entry {item.kind}")
         changes[name] = e
         tally.count(e, 1, sub)
-    return put_changes(w, lower, changes, tally)
+    return put_changes(w, lower, changes, tally, reader, base)

@@ -102,7 +102,8 @@ def _fabricate_twin(store_dir: Path, real: bytes) -> bytes:
     twin = real[:4] + bytes([real[4] ^ 0xFF]) + bytes(27)
     payload, _, _ = tree.encode_tree([])
     with tree.open_store(store_dir, create=False) as store:
-        store.write(lambda txn: store._write_batch(txn, {twin: (KIND_TREE, payload, None)}, 0))
+        batch = {twin: (KIND_TREE, payload, None, False)}
+        store.write(lambda txn: store._write_batch(txn, batch, 0))
         store.publish(store.writer(), twin, parent=None, logical_bytes=0, files=0)
         assert sorted(store.snapshot_ids()) == sorted([real.hex(), twin.hex()])
     return twin

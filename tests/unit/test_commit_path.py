@@ -1,0 +1,144 @@
+"""The commit fast path: spliced directories and references counted later by the sweeper.
+
+What must hold: a spliced directory is byte for byte what encoding it from scratch gives
+(same id), and the tree it hands the reader equals the decoded one; a commit's
+directories log themselves, not their children, and once the sweeper applies that log
+every count is exact (fsck clean), objects the commit made stay until nothing needs them,
+and nothing else is freed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from oppiefs import overlay, tree
+from oppiefs.store import KIND_TREE, Store
+
+
+def _entry(rng: random.Random, name: bytes) -> tree.Entry:
+    kind = rng.choice([tree.T_FILE, tree.T_CHUNKED, tree.T_DIR, tree.T_SYMLINK])
+    if kind == tree.T_SYMLINK:
+        return tree.Entry(name, kind, 0o777, 0, 0, 3, rng.randrange(1 << 60), tree.ZERO_ID,
+                          rng.randbytes(rng.randrange(1, 40)))
+    return tree.Entry(name, kind, rng.choice([0o644, 0o755, 0o4711]), rng.randrange(3),
+                      rng.randrange(3), rng.randrange(1 << 40), rng.randrange(-(1 << 62), 1 << 62),
+                      rng.randbytes(32))
+
+
+def _tally(entries: list[tree.Entry]) -> tree.Tally:
+    return tree.Tally.of(entries, sub_bytes=1234, sub_files=5)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_splice_equals_a_fresh_encoding(seed: int) -> None:
+    rng = random.Random(seed)
+    names = sorted({rng.randbytes(rng.randrange(1, 12)) for _ in range(rng.randrange(0, 120))})
+    lower_entries = [_entry(rng, n) for n in names]
+    payload, _, _ = tree.encode_tree(lower_entries, 1234, 5)
+    lower = tree.decode_tree(payload)
+    changes: dict[bytes, tree.Entry | None] = {}
+    for _ in range(rng.randrange(1, 12)):
+        if names and rng.random() < 0.6:
+            name = rng.choice(names)  # change or remove an existing name
+        else:
+            name = rng.randbytes(rng.randrange(1, 12))  # add one (or remove a missing one)
+        changes[name] = None if rng.random() < 0.3 else _entry(rng, name)
+    merged = {e.name: e for e in lower_entries}
+    for name, e in changes.items():
+        if e is None:
+            merged.pop(name, None)
+        else:
+            merged[name] = e
+    want = sorted(merged.values(), key=lambda e: e.name)
+    expected, _, _ = tree.encode_tree(want, 1234, 5)
+    spliced, new = tree.splice_tree(payload, lower, changes, _tally(want))
+    assert spliced == expected
+    decoded = tree.decode_tree(expected)
+    assert (new.entries, new.total_bytes, new.total_files) == (
+        decoded.entries, decoded.total_bytes, decoded.total_files)
+
+
+def _commit(store: Store, reader: tree.Reader, base: bytes, upper: Path) -> bytes:
+    with store.writer() as w:
+        built = tree.apply_upper(reader, w, base, os.fsencode(upper), overlay.scan_upper)
+        store.publish(w, built.oid, parent=base.hex(), logical_bytes=built.bytes,
+                      files=built.files)
+    return built.oid
+
+
+def test_commit_logs_its_directories_and_the_sweeper_counts_their_children(
+        store: Store, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for d in ("a/b/c", "a/x", "z"):
+        (src / d).mkdir(parents=True)
+    for i in range(60):
+        (src / "a" / "b" / "c" / f"f{i:02d}").write_bytes(b"c%d" % i)
+        (src / "a" / "x" / f"g{i:02d}").write_bytes(b"x%d" % i)
+    (src / "z" / "keep").write_bytes(b"keep")
+    base = tree.import_dir(store, src).root
+    reader = tree.Reader(store)
+    upper = tmp_path / "upper"
+    (upper / "a" / "b" / "c").mkdir(parents=True)
+    (upper / "a" / "b" / "c" / "f07").write_bytes(b"changed")
+    (upper / "a" / "b" / "c" / "new").write_bytes(b"a new file, stored by this commit")
+    os.mknod(upper / "a" / "b" / "c" / "f08", 0o600 | 0o020000, 0)  # whiteout
+    child = _commit(store, reader, base, upper)
+
+    # Logged, not applied: still exact for fsck (which reads the log) and for refcount().
+    assert store.check() == []
+    new_file = reader.lookup(child, "a/b/c/new").ref
+    assert store.refcount(new_file) == 1
+    unchanged = reader.lookup(child, "a/b/c/f09").ref
+    assert store.refcount(unchanged) == 2  # in the base and in the child
+    with store.read() as txn:
+        records = [raw for _, raw in txn.cursor(db=store.db["pending"])]
+    assert any(raw[:1] == b"P" for raw in records)
+    # The new directories are logged as parents, 32 bytes each, not their 60 children.
+    assert sum(len(raw) for raw in records) < 32 * 10
+
+    # The sweeper applies the log; nothing either snapshot needs goes.
+    store.sweep()
+    assert store.check() == []
+    with store.read() as txn:
+        assert txn.stat(store.db["pending"])["entries"] == 0
+    assert store.refcount(unchanged) == 2
+    for snap in (base, child):
+        for _path, e in reader.walk(snap):
+            if e.is_file:
+                reader.read_all(e)
+
+    # Pruning the child frees exactly what only it used.
+    store.release(child)
+    store.sweep()
+    assert store.check() == []
+    assert not store.exists(new_file)
+    assert store.exists(unchanged) and store.refcount(unchanged) == 1
+    assert store.exists(reader.lookup(base, "a/b/c/f08").ref)
+
+
+def test_an_aborted_commit_leaves_nothing_behind(store: Store, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    for i in range(30):
+        (src / "d" / f"f{i}").write_bytes(b"%d" % i)
+    base = tree.import_dir(store, src).root
+    before = store.stats()
+    upper = tmp_path / "upper"
+    (upper / "d").mkdir(parents=True)
+    (upper / "d" / "f3").write_bytes(b"never published")
+    reader = tree.Reader(store)
+    with store.writer() as w:
+        built = tree.apply_upper(reader, w, base, os.fsencode(upper), overlay.scan_upper)
+        w.flush()  # written, then the session ends unpublished
+        w.wait()
+    assert store.exists(built.oid)
+    store.sweep()
+    assert not store.exists(built.oid)
+    assert store.stats().objects == before.objects
+    assert store.check() == []
+    kind, _ = store.get(reader.lookup(base, "d").ref)
+    assert kind == KIND_TREE
