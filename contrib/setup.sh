@@ -28,11 +28,12 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] \
   .venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
   # pyfuse3 rebuilt from its sdist with contrib/pyfuse3-ino-without-open.patch, so that the
   # kernel may cache snapshot listings and files without opening them (the patch says why).
-  # If that fails, stock pyfuse3 stays and oppiefs works without both.
+  # If that fails, stock pyfuse3 stays and oppiefs works without both. Only pyfuse3 comes as
+  # source: with --no-binary :all: pip also built its build tools (Cython: minutes).
   if ! .venv/bin/python -c "import pyfuse3, sys; sys.exit(not getattr(pyfuse3, 'READ_INO_WITHOUT_OPEN', False))"; then
     version=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('pyfuse3'))")
     build=$(mktemp -d)
-    if .venv/bin/pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
+    if .venv/bin/pip download -q --disable-pip-version-check --no-deps --no-binary pyfuse3 \
           -d "$build" "pyfuse3==$version" 2>/dev/null \
         && tar -xzf "$build/pyfuse3-$version.tar.gz" -C "$build" \
         && patch -s -d "$build/pyfuse3-$version" -p1 < contrib/pyfuse3-ino-without-open.patch \
