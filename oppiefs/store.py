@@ -89,7 +89,7 @@ ChildrenOf = Callable[[bytes, bytes], Iterable[bytes]]
 # oid -> kind, payload, refs, deferred: ``refs`` are the object's children (None: decode
 # them), or when ``deferred`` only those that may be new (the drain counts all of them).
 Batch = dict[bytes, tuple[bytes, bytes, "Iterable[bytes] | None", bool]]
-_PARENTS = b"P"  # a ``pending`` record of parent oids (else: of child oids)
+_PARENTS = b"P"  # starts a ``pending`` record of parent oids (one of child oids is 32 * n)
 
 _U64 = struct.Struct("<Q")
 # Logged increments applied per transaction (summed per object first): small while the log
@@ -550,9 +550,11 @@ class Store:
         A parent record's parents are decoded: they stay stored at least until it is
         applied (every sweep applies the whole log before it deletes anything)."""
         for key, raw in txn.cursor(db=self.db["pending"]):
-            if raw[:1] != _PARENTS:
+            if len(raw) % 32 == 0:  # child oids (a parent record has one byte more)
                 yield key, [raw[i:i + 32] for i in range(0, len(raw), 32)]
                 continue
+            if raw[:1] != _PARENTS or len(raw) % 32 != 1:
+                raise Corrupt(f"unreadable reference log record {key.hex()}")
             children: list[bytes] = []
             for i in range(1, len(raw), 32):
                 parent = raw[i:i + 32]
@@ -560,6 +562,8 @@ class Store:
                 stored = txn.get(slot, db=self.db["data"]) if slot is not None else None
                 if stored is None:
                     raise Corrupt(f"logged parent {parent.hex()} is missing")
+                if oid_of(stored[1:]) != parent:  # never count a damaged object's references
+                    raise Corrupt(f"logged parent {parent.hex()} is corrupt (hash mismatch)")
                 children += self.children_of(stored[:1], stored[1:])
             yield key, children
 

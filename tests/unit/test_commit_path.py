@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from oppiefs import overlay, tree
-from oppiefs.store import KIND_TREE, Store
+from oppiefs.store import KIND_CHUNK, KIND_TREE, Store
+from oppiefs.store import oid_of as store_oid
 
 
 def _entry(rng: random.Random, name: bytes) -> tree.Entry:
@@ -142,3 +143,25 @@ def test_an_aborted_commit_leaves_nothing_behind(store: Store, tmp_path: Path) -
     assert store.check() == []
     kind, _ = store.get(reader.lookup(base, "d").ref)
     assert kind == KIND_TREE
+
+
+def test_a_log_record_of_children_is_never_read_as_parents(store: Store) -> None:
+    """Records of child oids (every store before parent records, and imports still) may
+    start with the parent marker's byte: the length tells them apart."""
+    w = store.writer()
+    n = 0
+    while True:  # a chunk whose id starts with b"P", as a child record's first oid would
+        payload = b"chunk %d" % n
+        if store_oid(payload)[:1] == b"P":
+            break
+        n += 1
+    chunk = w.put(KIND_CHUNK, payload, ())
+    store.publish(w, chunk, parent=None, logical_bytes=0, files=0)  # stored, counted once
+    store.write(lambda txn: store._log_increments(txn, [chunk]))
+    with store.read() as txn:
+        assert [children for _, children in store._logged(txn)] == [[chunk]]
+    assert store.refcount(chunk) == 2
+    store.sweep()  # applied as one increment of that chunk
+    with store.read() as txn:
+        assert txn.stat(store.db["pending"])["entries"] == 0
+    assert store.refcount(chunk) == 2
