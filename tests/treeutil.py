@@ -21,6 +21,8 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
+from oppiefs.tree import Entry
+
 # (type, mode, size, mtime_ns, symlink target or sha256 of content; b"" for directories)
 Meta = tuple[str, int, int, int, bytes]
 
@@ -321,3 +323,15 @@ def make_sized_tree(root: Path | str | bytes, *, files: int, total_bytes: int,
         path = r + b"/d%02d%s/f%05d.dat" % (i % dirs, sub, i)
         with open(path, "wb") as f:
             f.write(stream.randbytes(size))
+
+
+def with_changes(entries: list[Entry], changes: dict[bytes, Entry | None]) -> list[Entry]:
+    """``entries`` with ``changes`` applied (name -> new entry; None: removed), sorted by
+    name: the model a committed directory is checked against."""
+    merged = {e.name: e for e in entries}
+    for name, e in changes.items():
+        if e is None:
+            merged.pop(name, None)
+        else:
+            merged[name] = e
+    return sorted(merged.values(), key=lambda e: e.name)

@@ -18,6 +18,7 @@ import pytest
 from oppiefs import overlay, tree
 from oppiefs.store import KIND_CHUNK, KIND_TREE, Store
 from oppiefs.store import oid_of as store_oid
+from tests.treeutil import with_changes
 
 
 def _entry(rng: random.Random, name: bytes) -> tree.Entry:
@@ -48,13 +49,7 @@ def test_splice_equals_a_fresh_encoding(seed: int) -> None:
         else:
             name = rng.randbytes(rng.randrange(1, 12))  # add one (or remove a missing one)
         changes[name] = None if rng.random() < 0.3 else _entry(rng, name)
-    merged = {e.name: e for e in lower_entries}
-    for name, e in changes.items():
-        if e is None:
-            merged.pop(name, None)
-        else:
-            merged[name] = e
-    want = sorted(merged.values(), key=lambda e: e.name)
+    want = with_changes(lower_entries, changes)
     expected, _, _ = tree.encode_tree(want, 1234, 5)
     spliced, new = tree.splice_tree(payload, lower, changes, _tally(want))
     assert spliced == expected

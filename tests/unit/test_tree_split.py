@@ -19,6 +19,7 @@ import pytest
 from oppiefs import overlay, tree
 from oppiefs.errors import Corrupt
 from oppiefs.store import KIND_TREE, Store
+from tests.treeutil import with_changes
 
 
 def _names(n: int, seed: int) -> list[bytes]:
@@ -199,13 +200,7 @@ def test_incremental_recut_equals_a_fresh_build(store: Store) -> None:
         for name, e in list(changes.items()):  # a change keeps its own name
             if e is not None and e.name != name:
                 changes[name] = e._replace(name=name)
-        merged = {e.name: e for e in base}
-        for name, e in changes.items():
-            if e is None:
-                merged.pop(name, None)
-            else:
-                merged[name] = e
-        want_entries = list(merged.values())
+        want_entries = with_changes(base, changes)
         tally = tree.Tally.of(want_entries)
         with store.writer() as w:
             got = tree.put_changes(w, lower, changes, tally)
