@@ -25,6 +25,10 @@ prune P95 <= 10 ms, drop P95 <= 20 ms, kernel-tree / small-tree P95 ratio <= 1.5
 
     .venv/bin/python bench/mcts.py                       # both trees, all peers
     .venv/bin/python bench/mcts.py --only generated --iters 100 --peers cp,overlay
+    .venv/bin/python bench/mcts.py --only linux --peers none --iters 600 --warmup 600
+
+The first few hundred commits after importing a big tree are slower than the later ones
+(bench/RESULTS.md); ``--warmup`` leaves them out to measure a long search's steady state.
 """
 
 from __future__ import annotations
