@@ -610,8 +610,10 @@ class Store:
 
         References between objects new in this batch are counted directly (an imported file's
         chunks and its directory arrive together); only references to objects stored before
-        go through the increment log. Existence is checked on the id's slot record, so a
-        dedup hit never faults in object data.
+        go through the increment log. A deferred object's references all go through it, as
+        one parent record; its new children are kept off the sweeper's work list meanwhile.
+        Existence is checked on the id's slot record, so a dedup hit never faults in object
+        data.
         """
         slots, zero = self.db["slots"], self.db["zero"]
         for oid in reused:  # taken from the files cache, without their bytes

@@ -36,6 +36,7 @@ Devices, FIFOs and sockets cannot be represented: refused, or skipped and report
 from __future__ import annotations
 
 import bisect
+import collections
 import dataclasses
 import functools
 import itertools
@@ -524,7 +525,9 @@ class Reader:
         self._part = functools.lru_cache(maxsize=trees)(self._part_entries)
         self._filemap = functools.lru_cache(maxsize=lists)(self._list)
         self.big_budget = big_budget
-        self._written: dict[bytes, Tree] = {}  # see remember()
+        # See remember(). Its operations are single C calls, so commits in several
+        # threads may share a Reader.
+        self._written: collections.OrderedDict[bytes, Tree] = collections.OrderedDict()
         self.big_decoded = 0  # items of large objects decoded since the last clear
         clear_trees = self.tree.cache_clear  # type: ignore[attr-defined]
         self._clears: list[Callable[[], None]] = [clear_trees, self._part.cache_clear,
@@ -573,7 +576,7 @@ class Reader:
         takes it instead of decoding it. Bounded; the oldest are forgotten first."""
         self._written[oid] = tree
         if len(self._written) > WRITTEN_MAX:
-            del self._written[next(iter(self._written))]
+            self._written.popitem(last=False)
 
     def payload(self, oid: bytes) -> bytes:
         """A tree object's encoded bytes (verified)."""
