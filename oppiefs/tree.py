@@ -553,7 +553,7 @@ class Reader:
         written = self._written.pop(oid, None)
         if written is not None:
             return written
-        payload = self._tree_payload(oid)
+        payload = self.payload(oid)
         if payload[:8] != INDEX_MAGIC:
             return decode_tree(payload)
         total_bytes, total_files, n, parts = decode_index(payload)
@@ -569,7 +569,7 @@ class Reader:
         return Tree(entries, total_bytes, total_files, parts)
 
     def _part_entries(self, oid: bytes) -> list[Entry]:
-        return decode_tree(self._tree_payload(oid)).entries
+        return decode_tree(self.payload(oid)).entries
 
     def remember(self, oid: bytes, tree: Tree) -> None:
         """A tree just written (and not decoded from the store): the next ``tree(oid)``
@@ -580,9 +580,6 @@ class Reader:
 
     def payload(self, oid: bytes) -> bytes:
         """A tree object's encoded bytes (verified)."""
-        return self._tree_payload(oid)
-
-    def _tree_payload(self, oid: bytes) -> bytes:
         kind, payload = self.store.get(oid)
         if kind != KIND_TREE:
             raise Corrupt(f"object {oid.hex()} is not a tree")
