@@ -308,7 +308,7 @@ def put_changes(w: Writer, lower: Tree | None, changes: dict[bytes, Entry | None
             and base is not None):
         payload, new = splice_tree(reader.payload(base), lower, changes, tally)
         oid = _put_dir(w, payload, [e for e in changes.values() if e is not None], fresh)
-        reader.remember(oid, new)
+        reader.remember(oid, new, tally)
         return Built(oid, tally.entries, tally.bytes, tally.files)
     if lower is None or lower.parts is None or n <= SPLIT_OVER:
         merged = {e.name: e for e in lower.entries} if lower is not None else {}
@@ -339,11 +339,13 @@ def put_changes(w: Writer, lower: Tree | None, changes: dict[bytes, Entry | None
         return sorted(by_name.values(), key=_name)
 
     parts: list[tuple[bytes, int]] = []
+    runs: list[list[Entry]] = []  # the entries of each of ``parts``
     new_parts: set[tuple[bytes, int]] = set()
     k = 0
     while k < len(old):
         if k not in touched:
             parts.append(old[k])
+            runs.append(lower.entries[starts[k]:starts[k + 1]])
             k += 1
             continue
         last = k
@@ -357,9 +359,14 @@ def put_changes(w: Writer, lower: Tree | None, changes: dict[bytes, Entry | None
             last += 1  # the run's end is no cut any more: take in the next part
         new = [_put_part(w, run[start:end], fresh) for start, end in cuts]
         parts += new
+        runs += [run[start:end] for start, end in cuts]
         new_parts.update(new)
         k = last + 1
-    return _put_index(w, parts, n, tally, new_parts)
+    built = _put_index(w, parts, n, tally, new_parts)
+    if reader is not None:  # a big directory is the costliest one to decode again
+        reader.remember(built.oid, Tree(list(itertools.chain.from_iterable(runs)), tally.bytes,
+                                        tally.files, parts), tally)
+    return built
 
 
 def _put_part(w: Writer, run: list[Entry], fresh: set[bytes] | None) -> tuple[bytes, int]:
@@ -571,12 +578,19 @@ class Reader:
     def _part_entries(self, oid: bytes) -> list[Entry]:
         return decode_tree(self.payload(oid)).entries
 
-    def remember(self, oid: bytes, tree: Tree) -> None:
+    def remember(self, oid: bytes, tree: Tree, tally: Tally | None = None) -> None:
         """A tree just written (and not decoded from the store): the next ``tree(oid)``
-        takes it instead of decoding it. Bounded; the oldest are forgotten first."""
+        takes it instead of decoding it. Bounded; the oldest are forgotten first.
+
+        ``tally``: its totals, which the commit kept by difference (spares the next commit
+        a pass over every entry). A large tree counts in the decoding budget, as if read.
+        """
+        if tally is not None:
+            tree.__dict__["tally"] = dataclasses.replace(tally)  # the cached property
         self._written[oid] = tree
         if len(self._written) > WRITTEN_MAX:
             self._written.popitem(last=False)
+        self._decoded(len(tree.entries))
 
     def payload(self, oid: bytes) -> bytes:
         """A tree object's encoded bytes (verified)."""

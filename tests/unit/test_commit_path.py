@@ -160,3 +160,39 @@ def test_a_log_record_of_children_is_never_read_as_parents(store: Store) -> None
     with store.read() as txn:
         assert txn.stat(store.db["pending"])["entries"] == 0
     assert store.refcount(chunk) == 2
+
+
+def test_trees_a_commit_hands_the_reader_equal_the_stored_ones(
+        store: Store, tmp_path: Path) -> None:
+    """The next commit on top takes a just-written directory (spliced or split) from the
+    reader, totals included, instead of decoding it: it must be what decoding gives."""
+    src = tmp_path / "src"
+    (src / "big" / "sub").mkdir(parents=True)
+    (src / "small").mkdir()
+    for i in range(400):  # split into parts
+        (src / "big" / f"f{i:03d}").write_bytes(b"b" * (i % 7))
+    for i in range(20):
+        (src / "small" / f"s{i}").write_bytes(b"s%d" % i)
+        (src / "big" / "sub" / f"t{i}").write_bytes(b"t%d" % i)
+    base = tree.import_dir(store, src).root
+    reader = tree.Reader(store)
+    rng = random.Random(3)
+    for round_ in range(12):
+        upper = tmp_path / f"upper{round_}"
+        for d in ("big/sub", "small"):
+            (upper / d).mkdir(parents=True)
+        for _ in range(rng.randrange(1, 6)):
+            (upper / "big" / f"f{rng.randrange(500):03d}").write_bytes(rng.randbytes(9))
+        os.mknod(upper / "big" / f"f{rng.randrange(400):03d}", 0o600 | 0o020000, 0)
+        (upper / "big" / "sub" / f"t{rng.randrange(30)}").write_bytes(b"x")
+        (upper / "small" / f"s{rng.randrange(30)}").write_bytes(b"y")
+        base = _commit(store, reader, base, upper)
+        handed = dict(reader._written)
+        assert any(t.parts for t in handed.values())
+        fresh = tree.Reader(store)
+        for oid, t in handed.items():
+            want = fresh.tree(oid)
+            assert (t.entries, t.total_bytes, t.total_files, t.parts) == (
+                want.entries, want.total_bytes, want.total_files, want.parts)
+            assert t.tally == tree.Tree(want.entries, want.total_bytes, want.total_files).tally
+    assert store.check() == []
