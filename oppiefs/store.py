@@ -6,6 +6,8 @@ fact that must change together changes in one write transaction.
 
 Named databases:
   slots      oid -> 8-byte big-endian slot, given in creation order
+  fresh      u64 sequence -> first slot + the oids of a commit's new objects (their slots
+             follow in that order): the ones not yet in ``slots`` (see below)
   data       slot -> kind byte + payload; oid = blake3(payload), verified on every read
   counts     slot -> u64 count of references from other objects and snapshot records
   zero       oid -> u64 generation at which the object became (or was found) unreferenced;
@@ -42,6 +44,17 @@ object or count. Slots follow creation order: a commit's new objects are appende
 last pages, and objects created together (a directory's files, an import's subtree) are
 referenced together, so a drain rewrites a few pages of ``counts``, not hundreds. Only
 ``slots`` is random (one page per new object); reads pay one extra B-tree lookup.
+
+Why the fresh index: ids are random, so each new object's ``slots`` record lands on a
+leaf page of its own, and on a large store those pages were most of what a commit wrote
+(a kernel-tree commit: ~29 objects dirtied ~40 of its ~60 pages, each a scattered write
+the fsync waits for). A small batch (a commit) appends its ids as one ``fresh`` record
+instead, and the sweeper merges the records into ``slots`` in bulk, where many share a leaf.
+A lookup tries ``slots``, then the fresh records, which every process keeps decoded
+(``_FreshIndex``). A sweep deletes a fresh object where it is (its data and count); an
+entry whose count is gone is dead, lookups pass over it and the merge leaves it out. In a
+search loop most commits are pruned soon after, so most of their ids are never inserted
+into ``slots`` at all.
 
 Children of TREE and LIST objects are needed to adjust counts; the codec lives in tree.py
 and is injected as ``children_of`` so this module knows nothing about tree layout.
@@ -92,6 +105,11 @@ Batch = dict[bytes, tuple[bytes, bytes, "Iterable[bytes] | None", bool]]
 _PARENTS = b"P"  # starts a ``pending`` record of parent oids (one of child oids is 32 * n)
 
 _U64 = struct.Struct("<Q")
+# A batch with more new objects than this indexes them in ``slots`` at once (an import): the
+# fresh records are for the few objects of a commit, and every process holds them decoded.
+FRESH_BATCH_MAX = 256
+FRESH_MERGE = 256  # fresh records at which a sweep merges them (a few seconds of commits)
+FRESH_MAX = 1024  # fresh records a commit may find before it merges them itself
 # Logged increments applied per transaction (summed per object first): small while the log
 # is short, so a drain never holds up a commit for long; large when a sustained burst of
 # commits has built a backlog, so the log cannot grow without bound.
@@ -99,8 +117,8 @@ DRAIN_LIMIT = 512
 DRAIN_LIMIT_BACKLOG = 32_768
 DRAIN_BACKLOG = 2_000  # log records
 _INITIAL_MAP = 1 << 40  # address space only: LMDB files grow with use, not with map size
-_DBS = ("slots", "data", "counts", "zero", "pending", "snapshots", "nodes", "sessions",
-        "files", "meta",
+_DBS = ("slots", "fresh", "data", "counts", "zero", "pending", "snapshots", "nodes",
+        "sessions", "files", "meta",
         "objects", "refs")  # oid -> object and oid -> count: older layouts, migrated on open
 
 
@@ -293,6 +311,93 @@ def compact(path: str | os.PathLike[str]) -> tuple[int, int]:
         os.close(fd)
 
 
+class _FreshIndex:
+    """This process's decoded copy of the ``fresh`` records: oid -> (slot, record key).
+
+    A record does not change from the append that makes it to the merge that deletes it,
+    and keys are never reused, so a copy loaded in one transaction holds for every other
+    that still has the record. A transaction sees a contiguous run of records [first,
+    last]; the copy is extended to cover it (only with committed records: a write
+    transaction's own appends may still be rolled back), and then a hit is trusted when its
+    record lies in that run. The map keeps each id's newest record; when that is newer than
+    the transaction (an old reader, after a merge, a sweep and the id stored again), the
+    transaction's own records are read instead. Whether the object is still alive is for
+    the caller to check.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.lo, self.hi = 0, -1  # keys of the records held (none when hi < lo)
+        self.records: dict[int, list[bytes]] = {}
+        self.map: dict[bytes, tuple[bytes, int]] = {}
+
+    def lookup(self, txn: lmdb.Transaction, db: Any, first: int, last: int,
+               oid: bytes) -> bytes | None:
+        """Slot of ``oid`` among records first..last of ``txn`` (all committed)."""
+        with self.lock:
+            if last < self.lo or first > self.hi:
+                self.records.clear()
+                self.map.clear()
+                self.lo, self.hi = first, first - 1
+            elif first > self.lo:
+                self._forget_below(first)
+            if first < self.lo:
+                self._load(txn, db, first, self.lo - 1)
+                self.lo = first
+            if last > self.hi:
+                self._load(txn, db, self.hi + 1, last)
+                self.hi = last
+            hit = self.map.get(oid)
+        if hit is None or hit[1] < first:
+            return None
+        if hit[1] <= last:
+            return hit[0]
+        found = None
+        for o, s in _fresh_pairs(txn, db, first, last):
+            if o == oid:
+                found = s  # the newest copy is the only one that may be alive
+        return found
+
+    def _forget_below(self, first: int) -> None:
+        """Drop records merged away (a reader that still has them loads them again)."""
+        for key in range(self.lo, first):
+            for oid in self.records.pop(key, ()):
+                if self.map.get(oid, (b"", -1))[1] == key:
+                    del self.map[oid]
+        self.lo = first
+
+    def _load(self, txn: lmdb.Transaction, db: Any, start: int, end: int) -> None:
+        for key, slot0, oids in _fresh_records(txn, db, start, end):
+            self.records[key] = oids
+            for j, oid in enumerate(oids):
+                if self.map.get(oid, (b"", -1))[1] < key:
+                    self.map[oid] = ((slot0 + j).to_bytes(8, "big"), key)
+
+
+def _fresh_records(txn: lmdb.Transaction, db: Any, start: int,
+                   end: int) -> Iterator[tuple[int, int, list[bytes]]]:
+    """(key, first slot, oids) of the fresh records start..end (inclusive)."""
+    cur = txn.cursor(db=db)
+    if not cur.set_range(start.to_bytes(8, "big")):
+        return
+    for raw_key, raw in cur:
+        key = int.from_bytes(raw_key, "big")
+        if key > end:
+            return
+        raw = bytes(raw)  # a buffer in a ``buffers=True`` transaction: ids outlive it
+        if len(raw) < 40 or (len(raw) - 8) % 32:
+            raise Corrupt(f"unreadable fresh index record {key}")
+        yield key, int.from_bytes(raw[:8], "big"), [raw[i:i + 32] for i in range(8, len(raw), 32)]
+
+
+def _fresh_pairs(txn: lmdb.Transaction, db: Any, start: int = 0,
+                 end: int = 1 << 64) -> Iterator[tuple[bytes, bytes]]:
+    """(oid, slot) of every object in the fresh records start..end."""
+    for _, slot0, oids in _fresh_records(txn, db, start, end):
+        for j, oid in enumerate(oids):
+            yield oid, (slot0 + j).to_bytes(8, "big")
+
+
 class Store:
     """The object store. Thread-safe: LMDB serializes writers, readers use short txns."""
 
@@ -302,6 +407,12 @@ class Store:
         self.children_of = children_of
         self._grow_lock = threading.Lock()
         self._use_fd: int | None = None
+        self._fresh = _FreshIndex()
+        # The write transaction in progress (LMDB allows one per environment) and the
+        # fresh records it appended: they are not committed, so never in ``_fresh``.
+        self._wtxn: lmdb.Transaction | None = None
+        self._own: dict[bytes, bytes] = {}
+        self._own_from: int | None = None
         try:
             if create:
                 self.path.mkdir(parents=True, exist_ok=True)
@@ -368,7 +479,11 @@ class Store:
         while True:
             try:
                 with self.env.begin(write=True) as txn:
-                    return fn(txn)
+                    self._wtxn, self._own, self._own_from = txn, {}, None
+                    try:
+                        return fn(txn)
+                    finally:
+                        self._wtxn, self._own, self._own_from = None, {}, None
             except lmdb.MapFullError:
                 self._grow()
             except lmdb.Error as exc:
@@ -408,7 +523,7 @@ class Store:
         MADV_WILLNEED, which reads it in one request.
         """
         with self.env.begin(buffers=True) as txn:
-            slot = txn.get(oid, db=self.db["slots"])
+            slot = self._slot(txn, oid)
             view = None if slot is None else txn.get(slot, db=self.db["data"])
             if view is None:
                 raise Corrupt(f"object {oid.hex()} is missing from the store")
@@ -470,16 +585,78 @@ class Store:
 
     def exists(self, oid: bytes) -> bool:
         with self.env.begin() as txn:
-            return txn.get(oid, db=self.db["slots"]) is not None
+            return self._slot(txn, oid) is not None
 
     def refcount(self, oid: bytes) -> int:
         """Current count, including increments logged but not yet applied."""
         with self.env.begin() as txn:
-            slot = txn.get(oid, db=self.db["slots"])
+            slot = self._slot(txn, oid)
             count = self._count_at(txn, slot) if slot is not None else 0
             logged = sum(child == oid for _, children in self._logged(txn)
                          for child in children)
         return count + logged
+
+    # -- the id index: ``slots`` and the fresh records ---------------------------------------
+
+    def _slot(self, txn: lmdb.Transaction, oid: bytes) -> bytes | None:
+        """The slot of a stored object, or None."""
+        slot = txn.get(oid, db=self.db["slots"])
+        if slot is not None:
+            return slot
+        slot = self._fresh_slot(txn, oid)
+        if slot is None or txn.get(slot, db=self.db["counts"]) is None:
+            return None  # not fresh, or swept (a dead entry)
+        return slot
+
+    def _fresh_slot(self, txn: lmdb.Transaction, oid: bytes) -> bytes | None:
+        if txn is self._wtxn and oid in self._own:
+            return self._own[oid]
+        cur = txn.cursor(db=self.db["fresh"])
+        if not cur.first():
+            return None
+        first = int.from_bytes(cur.key(), "big")
+        if txn is self._wtxn and self._own_from is not None:
+            last = self._own_from - 1  # the rest are this transaction's own
+            if last < first:
+                return None
+        else:
+            cur.last()
+            last = int.from_bytes(cur.key(), "big")
+        return self._fresh.lookup(txn, self.db["fresh"], first, last, oid)
+
+    def _append_fresh(self, txn: lmdb.Transaction, first_slot: int, oids: list[bytes]) -> None:
+        """Index a batch's new objects (slots ``first_slot``... in order) as one record."""
+        seq = self._meta_int(txn, b"fseq") + 1
+        self._set_meta_int(txn, b"fseq", seq)
+        if not txn.put(seq.to_bytes(8, "big"), first_slot.to_bytes(8, "big") + b"".join(oids),
+                       db=self.db["fresh"], append=True):
+            raise Corrupt("fresh index out of order")
+        if self._own_from is None:
+            self._own_from = seq
+        for j, oid in enumerate(oids):
+            self._own[oid] = (first_slot + j).to_bytes(8, "big")
+
+    def _merge_fresh(self, txn: lmdb.Transaction) -> int:
+        """Move the live entries of every fresh record into ``slots`` (in id order:
+        neighbours share leaves); returns how many moved."""
+        fresh, counts, slots = self.db["fresh"], self.db["counts"], self.db["slots"]
+        newest = dict(_fresh_pairs(txn, fresh))  # an id stored again: its last copy
+        live = sorted((oid, slot) for oid, slot in newest.items()
+                      if txn.get(slot, db=counts) is not None)
+        for oid, slot in live:
+            txn.put(oid, slot, db=slots)
+        txn.drop(fresh, delete=False)
+        self._own.clear()
+        self._own_from = None
+        return len(live)
+
+    def merge_fresh(self, at_least: int = 1) -> int:
+        """Merge the fresh records into ``slots`` if there are ``at_least`` of them;
+        returns how many ids moved."""
+        with self.env.begin() as txn:
+            if txn.stat(self.db["fresh"])["entries"] < max(at_least, 1):
+                return 0
+        return self.write(self._merge_fresh, "merge fresh index")
 
     # -- reference counting (inside a caller's write txn) ------------------------------
 
@@ -503,18 +680,20 @@ class Store:
         return n + 1
 
     def _new_slot(self, txn: lmdb.Transaction, oid: bytes, count: int,
-                  n: int | None = None) -> bytes:
-        """Give a new object slot ``n`` (default: the next), with its count (appended)."""
+                  n: int | None = None, *, index: bool = True) -> bytes:
+        """Give a new object slot ``n`` (default: the next), with its count (appended);
+        ``index=False``: the caller records the id in a fresh record instead."""
         if n is None:
             n = self._reserve_slots(txn, 1)
         slot = n.to_bytes(8, "big")
-        txn.put(oid, slot, db=self.db["slots"])
+        if index:
+            txn.put(oid, slot, db=self.db["slots"])
         if not txn.put(slot, _U64.pack(count), db=self.db["counts"], append=True):
             raise Corrupt("reference count slots out of order")
         return slot
 
     def _incref(self, txn: lmdb.Transaction, oid: bytes, by: int = 1) -> None:
-        slot = txn.get(oid, db=self.db["slots"])
+        slot = self._slot(txn, oid)
         if slot is None:
             raise Corrupt(f"reference to missing object {oid.hex()}")
         count = self._count_at(txn, slot)
@@ -526,9 +705,8 @@ class Store:
         """Record +1 for each child (applied by ``_drain``); children must exist."""
         if not children:
             return
-        slots = self.db["slots"]
         for child in children:
-            if txn.get(child, db=slots) is None:
+            if self._slot(txn, child) is None:
                 raise Corrupt(f"reference to missing object {child.hex()}")
         self._append_log(txn, b"".join(children))
 
@@ -558,7 +736,7 @@ class Store:
             children: list[bytes] = []
             for i in range(1, len(raw), 32):
                 parent = raw[i:i + 32]
-                slot = txn.get(parent, db=self.db["slots"])
+                slot = self._slot(txn, parent)
                 stored = txn.get(slot, db=self.db["data"]) if slot is not None else None
                 if stored is None:
                     raise Corrupt(f"logged parent {parent.hex()} is missing")
@@ -595,7 +773,7 @@ class Store:
         return DRAIN_LIMIT_BACKLOG if backlog > DRAIN_BACKLOG else DRAIN_LIMIT
 
     def _decref(self, txn: lmdb.Transaction, oid: bytes) -> None:
-        slot = txn.get(oid, db=self.db["slots"])
+        slot = self._slot(txn, oid)
         count = self._count_at(txn, slot) if slot is not None else 0
         if slot is None or count == 0:
             raise Corrupt(f"reference count underflow on object {oid.hex()}")
@@ -615,9 +793,9 @@ class Store:
         Existence is checked on the id's slot record, so a dedup hit never faults in object
         data.
         """
-        slots, zero = self.db["slots"], self.db["zero"]
+        zero = self.db["zero"]
         for oid in reused:  # taken from the files cache, without their bytes
-            if txn.get(oid, db=slots) is None:
+            if self._slot(txn, oid) is None:
                 raise StaleCache(f"cached object {oid.hex()} has been collected")
             if txn.get(oid, db=zero) is not None:
                 txn.put(oid, _U64.pack(gen), db=zero)
@@ -625,7 +803,7 @@ class Store:
             txn.put(key, value, db=self.db["files"])
         new: Batch = {}
         for oid, item in batch.items():
-            if txn.get(oid, db=slots) is None:
+            if self._slot(txn, oid) is None:
                 new[oid] = item
                 continue
             if txn.get(oid, db=zero) is not None:
@@ -642,7 +820,7 @@ class Store:
                 for child in children or ():
                     if child in new:
                         logged.add(child)
-                    elif txn.get(child, db=slots) is None:
+                    elif self._slot(txn, child) is None:
                         raise Corrupt(f"reference to missing object {child.hex()}")
                 continue
             for child in self.children_of(kind, payload) if children is None else children:
@@ -653,14 +831,19 @@ class Store:
         nbytes = 0
         data = self.db["data"]
         first = self._reserve_slots(txn, len(new)) if new else 0
+        index = len(new) > FRESH_BATCH_MAX
         for n, (oid, (kind, payload, _, _)) in enumerate(new.items(), first):
             count = inside.get(oid, 0)
-            slot = self._new_slot(txn, oid, count, n)
+            slot = self._new_slot(txn, oid, count, n, index=index)
             if not txn.put(slot, kind + payload, db=data, append=True):
                 raise Corrupt("object slots out of order")
             if not count and oid not in logged:
                 txn.put(oid, _U64.pack(gen), db=zero)
             nbytes += len(payload)
+        if new and not index:
+            self._append_fresh(txn, first, list(new))
+            if txn.stat(self.db["fresh"])["entries"] > FRESH_MAX:  # the sweeper is behind
+                self._merge_fresh(txn)
         self._log_increments(txn, outside)
         self._log_parents(txn, parents)
         if new:
@@ -670,7 +853,7 @@ class Store:
 
     def _heal(self, txn: lmdb.Transaction, oid: bytes, kind: bytes, payload: bytes) -> None:
         """Rewrite a stored copy that no longer matches its id with the good bytes at hand."""
-        slot = txn.get(oid, db=self.db["slots"])
+        slot = self._slot(txn, oid)
         stored = txn.get(slot, db=self.db["data"])
         if stored is not None and stored[:1] == kind and oid_of(stored[1:]) == oid:
             return
@@ -787,7 +970,7 @@ class Store:
                 txn.put(key, json.dumps(node[1]).encode(), db=self.db["nodes"])
             rec = self._get_snapshot(txn, root)
             if rec is None:
-                if txn.get(root, db=self.db["slots"]) is None:
+                if self._slot(txn, root) is None:
                     raise Corrupt(f"cannot publish missing tree {root.hex()}")
                 rec = SnapshotRecord(root, 0, 0, parent, time.time(), logical_bytes, files)
                 self._incref(txn, root)
@@ -861,8 +1044,11 @@ class Store:
 
         Works in transactions of ``batch`` objects; a background sweeper passes small
         batches and a ``between`` hook (wait for a pause in the foreground) so commits
-        never wait long for the write lock.
+        never wait long for the write lock. Once ``FRESH_MERGE`` fresh records have
+        piled up it merges them into ``slots`` first.
         """
+        if self.merge_fresh(FRESH_MERGE) and between:
+            between()
         while self.write(lambda txn: self._drain(txn, limit=self._drain_limit(txn)),
                          "apply references"):
             if between:
@@ -889,11 +1075,11 @@ class Store:
         nbytes = freed = 0
         for oid in victims:
             txn.delete(oid, db=self.db["zero"])
-            slot = txn.get(oid, db=self.db["slots"])
+            slot = self._slot(txn, oid)
             if slot is None:
                 continue
             raw = txn.get(slot, db=self.db["data"])
-            txn.delete(oid, db=self.db["slots"])
+            txn.delete(oid, db=self.db["slots"])  # a fresh entry is dead once its count goes
             txn.delete(slot, db=self.db["counts"])
             if raw is None:
                 continue
@@ -954,6 +1140,15 @@ class Store:
         present: set[bytes] = set()
         nbytes = 0
         slots: dict[bytes, bytes] = dict(txn.cursor(db=self.db["slots"]))  # oid -> slot
+        try:
+            for oid, slot in _fresh_pairs(txn, self.db["fresh"]):  # read here, not cached
+                if txn.get(slot, db=self.db["counts"]) is None:
+                    continue  # swept
+                if oid in slots:
+                    findings.append(f"object {oid.hex()} is indexed twice")
+                slots.setdefault(oid, slot)
+        except Corrupt as exc:
+            findings.append(f"fresh index: {exc}")
         for oid, slot in slots.items():
             raw = txn.get(slot, db=self.db["data"])
             if raw is None:

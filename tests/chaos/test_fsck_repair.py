@@ -38,7 +38,7 @@ def _damage(store_dir: Path, snap: str, seed: str) -> tuple[bytes, bytes]:
         orphan = oid_of(payload)
 
         def fn(txn: Any) -> None:  # an lmdb transaction
-            slot = txn.get(victim, db=st.db["slots"])
+            slot = st._slot(txn, victim)
             raw = txn.get(slot, db=st.db["counts"])
             txn.put(slot, U64.pack(U64.unpack(raw)[0] + 1), db=st.db["counts"])
             rec = SnapshotRecord.decode(root, txn.get(root, db=st.db["snapshots"]))
@@ -53,7 +53,7 @@ def _damage(store_dir: Path, snap: str, seed: str) -> tuple[bytes, bytes]:
 
 def _present(store_dir: Path, oid: bytes) -> bool:
     with tree.open_store(store_dir, create=False) as st, st.env.begin() as txn:
-        slot = txn.get(oid, db=st.db["slots"])
+        slot = st._slot(txn, oid)
         return slot is not None and txn.get(slot, db=st.db["data"]) is not None
 
 

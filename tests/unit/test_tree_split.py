@@ -134,7 +134,7 @@ def test_damaged_part_is_reported(store: Store, tmp_path: Path) -> None:
     victim = parts[len(parts) // 2][0]
 
     def flip(txn) -> None:
-        slot = txn.get(victim, db=store.db["slots"])
+        slot = store._slot(txn, victim)
         raw = bytearray(txn.get(slot, db=store.db["data"]))
         raw[-1] ^= 0xFF
         txn.put(slot, bytes(raw), db=store.db["data"])
