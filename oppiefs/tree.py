@@ -43,6 +43,7 @@ import itertools
 import os
 import stat
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -508,7 +509,8 @@ class FileMap(NamedTuple):
 
 BIG_ITEMS = 1024  # a decoded object with more items (entries, chunks) counts as large
 BIG_BUDGET = 512 * 1024  # items of large objects decoded before the caches start over
-WRITTEN_MAX = 1024  # trees a Reader keeps from commits until they are looked up
+WRITTEN_MAX = 1024  # trees a Reader keeps from commits until they are looked up ...
+WRITTEN_ITEMS = 128 * 1024  # ... and their entries in all (split directories are big)
 
 
 class Reader:
@@ -532,9 +534,10 @@ class Reader:
         self._part = functools.lru_cache(maxsize=trees)(self._part_entries)
         self._filemap = functools.lru_cache(maxsize=lists)(self._list)
         self.big_budget = big_budget
-        # See remember(). Its operations are single C calls, so commits in several
-        # threads may share a Reader.
+        # See remember(). Commits in several threads share a Reader: hence the lock.
         self._written: collections.OrderedDict[bytes, Tree] = collections.OrderedDict()
+        self._written_items = 0
+        self._written_lock = threading.Lock()
         self.big_decoded = 0  # items of large objects decoded since the last clear
         clear_trees = self.tree.cache_clear  # type: ignore[attr-defined]
         self._clears: list[Callable[[], None]] = [clear_trees, self._part.cache_clear,
@@ -557,8 +560,12 @@ class Reader:
                 self.clear()
 
     def _tree(self, oid: bytes) -> Tree:
-        written = self._written.pop(oid, None)
+        with self._written_lock:
+            written = self._written.pop(oid, None)
+            if written is not None:
+                self._written_items -= len(written.entries)
         if written is not None:
+            self._decoded(len(written.entries))  # held from now on, as if decoded
             return written
         payload = self.payload(oid)
         if payload[:8] != INDEX_MAGIC:
@@ -583,14 +590,16 @@ class Reader:
         takes it instead of decoding it. Bounded; the oldest are forgotten first.
 
         ``tally``: its totals, which the commit kept by difference (spares the next commit
-        a pass over every entry). A large tree counts in the decoding budget, as if read.
+        a pass over every entry).
         """
         if tally is not None:
             tree.__dict__["tally"] = dataclasses.replace(tally)  # the cached property
-        self._written[oid] = tree
-        if len(self._written) > WRITTEN_MAX:
-            self._written.popitem(last=False)
-        self._decoded(len(tree.entries))
+        with self._written_lock:
+            old = self._written.pop(oid, None)
+            self._written[oid] = tree
+            self._written_items += len(tree.entries) - (len(old.entries) if old else 0)
+            while len(self._written) > WRITTEN_MAX or self._written_items > WRITTEN_ITEMS:
+                self._written_items -= len(self._written.popitem(last=False)[1].entries)
 
     def payload(self, oid: bytes) -> bytes:
         """A tree object's encoded bytes (verified)."""

@@ -196,3 +196,21 @@ def test_trees_a_commit_hands_the_reader_equal_the_stored_ones(
                 want.entries, want.total_bytes, want.total_files, want.parts)
             assert t.tally == tree.Tree(want.entries, want.total_bytes, want.total_files).tally
     assert store.check() == []
+
+
+def test_trees_held_for_the_next_commit_are_bounded_by_their_entries(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tree, "WRITTEN_ITEMS", 50)
+    reader = tree.Reader(store)
+    rng = random.Random(1)
+    trees = {}
+    for _ in range(6):
+        entries = [_entry(rng, b"n%02d" % i) for i in range(20)]
+        payload, nbytes, nfiles = tree.encode_tree(entries)
+        trees[store_oid(payload)] = t = tree.Tree(entries, nbytes, nfiles)
+        reader.remember(store_oid(payload), t)
+        assert reader._written_items == 20 * len(reader._written) <= 50
+    assert list(reader._written) == list(trees)[-2:]  # the newest stay
+    newest = list(trees)[-1]
+    assert reader.tree(newest) is trees[newest]  # taken without the store (never written)
+    assert reader._written_items == 20
