@@ -1,0 +1,124 @@
+"""Benchmark: the commit path without FUSE (apply an upper dir to a tree, publish it).
+
+bench/mcts.py times commits through a real mount, where the ctl round trip, the overlay and
+this VM's drift blur differences of a few hundred microseconds. This script makes the same
+edits as bench/mcts.py (1-10 random files overwritten or appended to, sometimes a new file
+at the root) as a plain upper dir on the host, and times ``tree.apply_upper`` and
+``Store.publish`` on a store of each tree, in wall and CPU time. Snapshots are forked from
+a pool of 6 and pruned as in the MCTS loop; the sweeper runs every 200 commits, untimed.
+Use it to compare two versions of the code on the same machine minute; bench/mcts.py has the
+goals.
+
+    .venv/bin/python bench/commit_path.py                          # both trees
+    .venv/bin/python bench/commit_path.py --only linux --iters 400 --warmup 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.corpus import WORK, generated_tree, linux_tree, machine_note, rmtree  # noqa: E402
+from bench.mcts import POOL, pct, pick  # noqa: E402
+from oppiefs import overlay, tree  # noqa: E402
+
+PHASES = ("apply", "publish", "total", "apply_cpu", "publish_cpu")
+
+
+def upper_edit(upper: Path, src: Path, rng: random.Random, files: list[str]) -> None:
+    """bench/mcts.py's edit as overlay would record it: touched files copied up whole."""
+    rmtree(upper)
+    upper.mkdir(parents=True)
+    for rel in pick(rng, files, rng.randint(1, 10), "random"):
+        p = upper / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if rng.random() < 0.5:
+            shutil.copyfile(src / rel, p)
+            with open(p, "ab") as f:
+                f.write(rng.randbytes(64))
+        else:
+            p.write_bytes(rng.randbytes(rng.randint(0, 4096)))
+    if rng.random() < 0.2:
+        (upper / f"new-{rng.getrandbits(32):08x}.txt").write_bytes(rng.randbytes(200))
+
+
+def run(src: Path, work: Path, iters: int, warmup: int, seed: int) -> dict[str, list[float]]:
+    rmtree(work)
+    store = tree.open_store(work / "store")
+    try:
+        root = tree.import_dir(store, src).root
+        reader = tree.Reader(store)
+        files = sorted(str(p.relative_to(src)) for p in src.rglob("*")
+                       if p.is_file() and not p.is_symlink())
+        rng = random.Random(seed)
+        upper = work / "upper"
+        pool = [root]
+        lat: dict[str, list[float]] = {k: [] for k in PHASES}
+        for i in range(warmup + iters):
+            base = rng.choice(pool)
+            upper_edit(upper, src, rng, files)
+            t0, c0 = time.perf_counter(), time.thread_time()
+            with store.writer() as w:
+                built = tree.apply_upper(reader, w, base, os.fsencode(upper), overlay.scan_upper)
+                t1, c1 = time.perf_counter(), time.thread_time()
+                store.publish(w, built.oid, parent=base.hex(), logical_bytes=built.bytes,
+                              files=built.files)
+            t2, c2 = time.perf_counter(), time.thread_time()
+            if i >= warmup:
+                for k, v in zip(PHASES, (t1 - t0, t2 - t1, t2 - t0, c1 - c0, c2 - c1),
+                                strict=True):
+                    lat[k].append(v)
+            pool.append(built.oid)
+            if len(pool) > POOL:
+                store.release(pool.pop(rng.randrange(1, len(pool) - 1)))
+            if i % 200 == 199:
+                store.sweep()
+        return lat
+    finally:
+        store.close()
+        rmtree(work)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", choices=["generated", "linux"])
+    ap.add_argument("--iters", type=int, default=400)
+    ap.add_argument("--warmup", type=int, default=400, help="uncounted commits first")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "commit_path.json")
+    args = ap.parse_args()
+    trees = {"generated": generated_tree, "linux": linux_tree}
+    results = {}
+    print(machine_note())
+    print("\n| tree | n | " + " | ".join(f"{k} p50 / p95 ms" for k in PHASES) + " |")
+    print("|---|---|" + "---|" * len(PHASES))
+    for name, make in trees.items():
+        if args.only and name != args.only:
+            continue
+        src = make()
+        if src is None:
+            print(f"| {name} | skipped: corpus not available |")
+            continue
+        lat = run(src, WORK / f"commit-path-{name}", args.iters, args.warmup, args.seed)
+        results[name] = {k: {"p50": pct(v, 50), "p95": pct(v, 95)} for k, v in lat.items()}
+        cells = " | ".join(f"{r['p50']:.2f} / {r['p95']:.2f}" for r in results[name].values())
+        print(f"| {name} | {args.iters} | {cells} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"when": dt.datetime.now().isoformat(timespec="seconds"),
+                                    "machine": machine_note(), "args": vars(args) | {
+                                        "out": str(args.out)}, "results": results}, indent=1))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
