@@ -376,15 +376,35 @@ def status(mnt: Path, as_json: bool) -> None:
     _ctl(mnt, as_json, lambda r: "\n".join(f"{k:<14}{v}" for k, v in r.items()), "status")
 
 
+def _store_of_mount(mnt: Path) -> Path | None:
+    """The store a running mount serves, or None if ``mnt`` is no oppiefs mount: its
+    ``snapshots`` links to the tree server's mount under the store (``<store>/trees``)."""
+    from .trees import DIR_NAME
+
+    try:
+        link = Path(os.readlink(mnt / "snapshots"))
+        is_mount = (mnt / "ctl").is_file()
+    except OSError:
+        return None
+    if not is_mount or link.name != "snapshots" or link.parent.name != DIR_NAME:
+        return None
+    return link.parent.parent
+
+
 @main.command("log")
 @click.argument("snapshot")
 @store_option
+@mount_option
 @json_option
 @_guarded
-def log_cmd(snapshot: str, store_dir: Path | None, as_json: bool) -> None:
-    """Lineage of SNAPSHOT: itself, its parent, its parent's parent..."""
+def log_cmd(snapshot: str, store_dir: Path | None, mnt: Path, as_json: bool) -> None:
+    """Lineage of SNAPSHOT: itself, its parent, its parent's parent...
+
+    Read from ``--store`` if given, else from the store of the mount at ``--mount`` if
+    one runs there, else from the default store.
+    """
     chain: list[dict[str, Any]] = []
-    with _open(store_dir) as store:
+    with _open(store_dir or _store_of_mount(mnt)) as store:
         root: bytes | None = store.resolve(snapshot, include_unlisted=True)
         seen: set[bytes] = set()
         while root is not None and root not in seen:

@@ -4,6 +4,7 @@ node and GC, and nodes outliving an unmount or a ``kill -9`` of the daemon."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -127,6 +128,11 @@ def test_log_prints_lineage(mdaemon, shared):
         assert all(x["listed"] for x in chain)
         text = cli("log", s3).out.splitlines()
         assert [line.split()[0] for line in text] == [s3, s2, s1, s0]
+        # Given the mount and no store, it reads the store that mount serves.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OPPIEFS_")}
+        res = subprocess.run([*OPPIEFS, "log", s3, "--json", "--mount", str(mdaemon.mnt)],
+                             capture_output=True, text=True, env=env, check=True)
+        assert [x["snapshot"] for x in json.loads(res.stdout)] == [s3, s2, s1, s0]
         # Pruned but pinned by n2: still in the chain, marked.
         c.prune(s2)
         chain = cli("log", s3, "--json").json()
