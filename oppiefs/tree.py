@@ -302,7 +302,9 @@ def put_changes(w: Writer, lower: Tree | None, changes: dict[bytes, Entry | None
     reader, which the next commit on top of this one wants. Of a split directory only the
     runs of parts that a changed name falls into are merged and cut again (extended until a
     cut lands on an old part end), so a commit costs O(changed parts), not O(directory
-    size), and the result is the tree a fresh build of the same entries gives.
+    size), and the result is the tree a fresh build of the same entries gives. A part whose
+    changes only replace entries keeps its names, hence its bounds (cuts follow names), and
+    is spliced as well.
     """
     old_n = len(lower.entries) if lower is not None else 0
     n = old_n + sum((e is not None) - (lower is not None and lower.get(name) is not None)
@@ -352,6 +354,15 @@ def put_changes(w: Writer, lower: Tree | None, changes: dict[bytes, Entry | None
             runs.append(lower.entries[starts[k]:starts[k + 1]])
             k += 1
             continue
+        if reader is not None and all(changes[name] is not None and lower.get(name) is not None
+                                      for name in touched[k]):
+            part, run = _splice_part(w, reader, old[k][0], lower.entries[starts[k]:starts[k + 1]],
+                                     {name: changes[name] for name in touched[k]}, fresh)
+            parts.append(part)
+            runs.append(run)
+            new_parts.add(part)
+            k += 1
+            continue
         last = k
         while True:
             while last + 1 < len(old) and last + 1 in touched:
@@ -371,6 +382,24 @@ def put_changes(w: Writer, lower: Tree | None, changes: dict[bytes, Entry | None
         reader.remember(built.oid, Tree(list(itertools.chain.from_iterable(runs)), tally.bytes,
                                         tally.files, parts), tally)
     return built
+
+
+def _splice_part(w: Writer, reader: Reader, oid: bytes, entries: list[Entry],
+                 changes: dict[bytes, Entry], fresh: set[bytes]) -> tuple[tuple[bytes, int],
+                                                                          list[Entry]]:
+    """Part ``oid`` (``entries``) with entries replaced, names unchanged -> (part, entries).
+    A part's totals are those of its own files; they change by the replaced ones."""
+    payload = reader.payload(oid)
+    nbytes, nfiles, _ = _HEAD.unpack_from(payload, len(TREE_MAGIC))
+    lower = Tree(entries, nbytes, nfiles)
+    tally = Tally(nbytes, nfiles)
+    for name, e in changes.items():
+        old = lower.get(name)
+        assert old is not None
+        tally.bytes += (e.size if e.is_file else 0) - (old.size if old.is_file else 0)
+        tally.files += e.is_file - old.is_file
+    new_payload, new = splice_tree(payload, lower, changes, tally)
+    return (_put_dir(w, new_payload, list(changes.values()), fresh), len(entries)), new.entries
 
 
 def _put_part(w: Writer, run: list[Entry], fresh: set[bytes] | None) -> tuple[bytes, int]:

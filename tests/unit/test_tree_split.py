@@ -169,19 +169,22 @@ def _no_cut_names(n: int, seed: int) -> list[bytes]:
     return out
 
 
-def test_incremental_recut_equals_a_fresh_build(store: Store) -> None:
+@pytest.mark.parametrize("spliced", [False, True], ids=["recut", "recut+splice"])
+def test_incremental_recut_equals_a_fresh_build(store: Store, spliced: bool) -> None:
     """put_changes (re-cutting only touched runs of parts) gives the id a full build gives,
     for random inserts, deletes and changes, including next to part ends and inside long
-    runs whose cuts are forced by PART_MAX (there an edit moves every later forced cut)."""
+    runs whose cuts are forced by PART_MAX (there an edit moves every later forced cut).
+    Given the reader, a part whose entries are only replaced is spliced instead."""
     def entry(name: bytes, mtime: int = 0) -> tree.Entry:
-        return tree.Entry(name, tree.T_FILE, 0o644, 0, 0, 0, mtime)
+        return tree.Entry(name, tree.T_FILE, 0o644, 0, 0, mtime % 5 * 100, mtime)
 
     names = sorted(set(_names(900, 7) + _no_cut_names(400, 8)))
     base = [entry(n) for n in names]
     with store.writer() as w:
         built = tree.put_tree(w, base, 0, 0)
         store.publish(w, built.oid, parent=None, logical_bytes=0, files=len(base))
-    lower = tree.Reader(store).tree(built.oid)
+    reader = tree.Reader(store)
+    lower = reader.tree(built.oid)
     assert lower.parts is not None
     assert max(n for _, n in lower.parts) == tree.PART_MAX
     rng = random.Random(9)
@@ -203,9 +206,12 @@ def test_incremental_recut_equals_a_fresh_build(store: Store) -> None:
         want_entries = with_changes(base, changes)
         tally = tree.Tally.of(want_entries)
         with store.writer() as w:
-            got = tree.put_changes(w, lower, changes, tally)
+            got = (tree.put_changes(w, lower, changes, tally, reader, built.oid) if spliced
+                   else tree.put_changes(w, lower, changes, tally))
             want = tree.put_tree(w, want_entries, 0, 0)
         assert got == want, f"round {round_}: {len(changes)} changes"
+        if spliced:  # handed to the reader (the writer stored nothing: it was aborted)
+            assert reader.tree(got.oid).entries == want_entries
 
 
 def test_large_decoded_trees_do_not_pile_up_in_the_caches(
