@@ -116,11 +116,13 @@ class Tree:
     total_files: int
     parts: list[tuple[bytes, int]] | None = None  # (part id, entries) of a split directory
     _index: dict[bytes, int] | None = field(default=None, repr=False)
+    # Its encoded bytes (verified), kept by a commit's reader: the next commit splices them.
+    payload: bytes | None = field(default=None, repr=False, compare=False)
 
     def index_of(self, name: bytes) -> int | None:
         """Position of ``name`` in ``entries`` (built on first use: most trees are walked)."""
         if self._index is None:
-            self._index = {e.name: i for i, e in enumerate(self.entries)}
+            self._index = dict(zip(self.names, itertools.count()))
         return self._index.get(name)
 
     def get(self, name: bytes) -> Entry | None:
@@ -240,24 +242,39 @@ def splice_tree(payload: bytes, lower: Tree, changes: dict[bytes, Entry | None],
     number of changes, not the size of the directory (encoding every entry again was the
     biggest part of a commit on a tree of big directories). ``tally`` holds the new totals.
     """
-    offsets = lower.offsets
+    offsets, old_names = lower.offsets, lower.names
     pieces = [TREE_MAGIC, b""]
     entries: list[Entry] = []
+    names: list[bytes] = []
+    starts: list[int] = []  # the new tree's offsets, built alongside
     pos = 0  # entries of lower before pos are placed
+    shift = 0  # new offset - old offset of the entries placed next
     for name in sorted(changes):
         at = lower.index_of(name)
-        end = at if at is not None else bisect.bisect_left(lower.names, name)
+        end = at if at is not None else bisect.bisect_left(old_names, name)
         pieces.append(payload[offsets[pos]:offsets[end]])
         entries += lower.entries[pos:end]
+        names += old_names[pos:end]
+        starts += map(shift.__add__, offsets[pos:end])
+        here = offsets[end] + shift  # where a new entry for ``name`` starts
+        if at is not None:
+            shift -= offsets[at + 1] - offsets[at]
         pos = end + 1 if at is not None else end
         e = changes[name]
         if e is not None:
+            starts.append(here)
             _pack_entry(pieces, e)
             entries.append(e)
+            names.append(name)
+            shift += _record_size(e)
     pieces.append(payload[offsets[pos]:offsets[-1]])
     entries += lower.entries[pos:]
+    names += old_names[pos:]
+    starts += map(shift.__add__, offsets[pos:])  # and where the last entry ends
     pieces[1] = _HEAD.pack(tally.bytes, tally.files, len(entries))
-    return b"".join(pieces), Tree(entries, tally.bytes, tally.files)
+    new = Tree(entries, tally.bytes, tally.files)
+    new.__dict__["names"], new.__dict__["offsets"] = names, starts  # the cached properties
+    return b"".join(pieces), new
 
 
 def subtree_entries(entries: list[Entry]) -> int:
@@ -312,8 +329,9 @@ def put_changes(w: Writer, lower: Tree | None, changes: dict[bytes, Entry | None
     fresh = set(changes)
     if (lower is not None and lower.parts is None and n <= SPLIT_OVER and reader is not None
             and base is not None):
-        payload, new = splice_tree(reader.payload(base), lower, changes, tally)
+        payload, new = splice_tree(lower.payload or reader.payload(base), lower, changes, tally)
         oid = _put_dir(w, payload, [e for e in changes.values() if e is not None], fresh)
+        new.payload = payload
         reader.remember(oid, new, tally)
         return Built(oid, tally.entries, tally.bytes, tally.files)
     if lower is None or lower.parts is None or n <= SPLIT_OVER:
@@ -558,8 +576,11 @@ class Reader:
     """
 
     def __init__(self, store: Store, trees: int = 4096, lists: int = 1024,
-                 big_budget: int = BIG_BUDGET) -> None:
+                 big_budget: int = BIG_BUDGET, *, keep_payloads: bool = False) -> None:
         self.store = store
+        # A commit's reader keeps the encoded bytes of one-object trees for splicing (a
+        # store read per directory less); a mount's would only grow by them.
+        self.keep_payloads = keep_payloads
         self.tree: Callable[[bytes], Tree] = functools.lru_cache(maxsize=trees)(self._tree)
         # Parts of split directories on their own too: a new version of a big directory
         # shares all but a few parts with the last one, so decoding it is mostly lookups.
@@ -601,7 +622,10 @@ class Reader:
             return written
         payload = self.payload(oid)
         if payload[:8] != INDEX_MAGIC:
-            return decode_tree(payload)
+            decoded = decode_tree(payload)
+            if self.keep_payloads:
+                decoded.payload = payload
+            return decoded
         total_bytes, total_files, n, parts = decode_index(payload)
         entries: list[Entry] = []
         for part, count in parts:

@@ -56,6 +56,10 @@ def test_splice_equals_a_fresh_encoding(seed: int) -> None:
     decoded = tree.decode_tree(expected)
     assert (new.entries, new.total_bytes, new.total_files) == (
         decoded.entries, decoded.total_bytes, decoded.total_files)
+    # What the next splice on top uses, built alongside instead of from every entry:
+    assert (new.names, new.offsets) == (decoded.names, decoded.offsets)
+    for name in new.names:
+        assert new.get(name) == decoded.get(name)
 
 
 def _commit(store: Store, reader: tree.Reader, base: bytes, upper: Path) -> bytes:
