@@ -299,8 +299,7 @@ def scan_upper(path: bytes) -> Iterator[UpperItem]:
     this differ does not follow yet (a later fast read path needs them).
     """
     try:
-        with os.scandir(path) as it:
-            names = [d.name for d in it]
+        names = os.listdir(path)  # bytes in, bytes out; no DirEntry objects to make
     except OSError as exc:
         raise from_oserror(exc, os.fsdecode(path)) from exc
     for name in names:
