@@ -167,3 +167,21 @@ def test_a_rolled_back_write_leaves_nothing_in_any_cache(store: Store) -> None:
     assert store.get(b) == (KIND_CHUNK, b"next") and store.get(a)[1] == b"committed"
     assert oid_of(b"next") == b
     assert store.check() == []
+
+
+def test_a_merge_goes_in_chunks_and_readers_follow_each(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_mod, "FRESH_MERGE_CHUNK", 2)
+    other = _elsewhere(store)
+    oids = [_publish(store, b"c%d" % i)[0] for i in range(5)]
+    assert all(other.exists(oid) for oid in oids)
+    seen = []
+
+    def between() -> None:  # half merged: every object still found, here and elsewhere
+        seen.append((_fresh_records(store), all(other.exists(oid) for oid in oids)))
+        assert store.check() == []
+
+    assert store.merge_fresh(between=between) == 5
+    assert seen == [(3, True), (1, True)] and _fresh_records(store) == 0
+    assert [other.get(oid)[1] for oid in oids] == [b"c%d" % i for i in range(5)]
+    assert store.check() == []
