@@ -413,9 +413,9 @@ def _splice_part(w: Writer, reader: Reader, oid: bytes, entries: list[Entry],
     tally = Tally(nbytes, nfiles)
     for name, e in changes.items():
         old = lower.get(name)
-        assert old is not None
-        tally.bytes += (e.size if e.is_file else 0) - (old.size if old.is_file else 0)
-        tally.files += e.is_file - old.is_file
+        assert old is not None  # the caller passes replacements only
+        tally.count(old, -1)
+        tally.count(e, 1)
     new_payload, new = splice_tree(payload, lower, changes, tally)
     return (_put_dir(w, new_payload, list(changes.values()), fresh), len(entries)), new.entries
 
