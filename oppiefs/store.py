@@ -629,11 +629,8 @@ class Store:
 
     def _append_fresh(self, txn: lmdb.Transaction, first_slot: int, oids: list[bytes]) -> None:
         """Index a batch's new objects (slots ``first_slot``... in order) as one record."""
-        seq = self._meta_int(txn, b"fseq") + 1
-        self._set_meta_int(txn, b"fseq", seq)
-        if not txn.put(seq.to_bytes(8, "big"), first_slot.to_bytes(8, "big") + b"".join(oids),
-                       db=self.db["fresh"], append=True):
-            raise Corrupt("fresh index out of order")
+        seq = self._append_seq(txn, "fresh", b"fseq",
+                               first_slot.to_bytes(8, "big") + b"".join(oids))
         if self._own_from is None:
             self._own_from = seq
         for j, oid in enumerate(oids):
@@ -739,11 +736,17 @@ class Store:
             self._append_log(txn, _PARENTS + b"".join(parents))
 
     def _append_log(self, txn: lmdb.Transaction, record: bytes) -> None:
-        seq = self._meta_int(txn, b"pseq") + 1
-        self._set_meta_int(txn, b"pseq", seq)
+        self._append_seq(txn, "pending", b"pseq", record)
+
+    def _append_seq(self, txn: lmdb.Transaction, name: str, counter: bytes,
+                    record: bytes) -> int:
+        """Append ``record`` to db ``name`` under the next number of meta ``counter``."""
+        seq = self._meta_int(txn, counter) + 1
+        self._set_meta_int(txn, counter, seq)
         # Big-endian keys sort in sequence order, so appends stay on the last page.
-        if not txn.put(seq.to_bytes(8, "big"), record, db=self.db["pending"], append=True):
-            raise Corrupt("reference log out of order")
+        if not txn.put(seq.to_bytes(8, "big"), record, db=self.db[name], append=True):
+            raise Corrupt(f"{name} records out of order")
+        return seq
 
     def _logged(self, txn: lmdb.Transaction) -> Iterator[tuple[bytes, list[bytes]]]:
         """(key, child oids to count +1) of each record of the increment log, oldest first.
