@@ -374,7 +374,7 @@ def put_changes(w: Writer, lower: Tree | None, changes: dict[bytes, Entry | None
             continue
         if reader is not None and all(changes[name] is not None and lower.get(name) is not None
                                       for name in touched[k]):
-            part, run = _splice_part(w, reader, old[k][0], lower.entries[starts[k]:starts[k + 1]],
+            part, run = _splice_part(w, reader, old[k][0],
                                      {name: changes[name] for name in touched[k]}, fresh)
             parts.append(part)
             runs.append(run)
@@ -402,22 +402,23 @@ def put_changes(w: Writer, lower: Tree | None, changes: dict[bytes, Entry | None
     return built
 
 
-def _splice_part(w: Writer, reader: Reader, oid: bytes, entries: list[Entry],
-                 changes: dict[bytes, Entry], fresh: set[bytes]) -> tuple[tuple[bytes, int],
-                                                                          list[Entry]]:
-    """Part ``oid`` (``entries``) with entries replaced, names unchanged -> (part, entries).
+def _splice_part(w: Writer, reader: Reader, oid: bytes, changes: dict[bytes, Entry],
+                 fresh: set[bytes]) -> tuple[tuple[bytes, int], list[Entry]]:
+    """Part ``oid`` with entries replaced, names unchanged -> (part, its entries); the new
+    part is handed to the reader, where the next commit on top of this one splices it.
     A part's totals are those of its own files; they change by the replaced ones."""
-    payload = reader.payload(oid)
-    nbytes, nfiles, _ = _HEAD.unpack_from(payload, len(TREE_MAGIC))
-    lower = Tree(entries, nbytes, nfiles)
-    tally = Tally(nbytes, nfiles)
+    lower = reader.part(oid)
+    tally = Tally(lower.total_bytes, lower.total_files)
     for name, e in changes.items():
         old = lower.get(name)
         assert old is not None  # the caller passes replacements only
         tally.count(old, -1)
         tally.count(e, 1)
-    new_payload, new = splice_tree(payload, lower, changes, tally)
-    return (_put_dir(w, new_payload, list(changes.values()), fresh), len(entries)), new.entries
+    payload, new = splice_tree(lower.payload or reader.payload(oid), lower, changes, tally)
+    new.payload = payload
+    new_oid = _put_dir(w, payload, list(changes.values()), fresh)
+    reader.remember(new_oid, new)
+    return (new_oid, len(new.entries)), new.entries
 
 
 def _put_part(w: Writer, run: list[Entry], fresh: set[bytes] | None) -> tuple[bytes, int]:
@@ -584,7 +585,7 @@ class Reader:
         self.tree: Callable[[bytes], Tree] = functools.lru_cache(maxsize=trees)(self._tree)
         # Parts of split directories on their own too: a new version of a big directory
         # shares all but a few parts with the last one, so decoding it is mostly lookups.
-        self._part = functools.lru_cache(maxsize=trees)(self._part_entries)
+        self._part: Callable[[bytes], Tree] = functools.lru_cache(maxsize=trees)(self._part_tree)
         self._filemap = functools.lru_cache(maxsize=lists)(self._list)
         self.big_budget = big_budget
         # See remember(). Commits in several threads share a Reader: hence the lock.
@@ -613,23 +614,16 @@ class Reader:
                 self.clear()
 
     def _tree(self, oid: bytes) -> Tree:
-        with self._written_lock:
-            written = self._written.pop(oid, None)
-            if written is not None:
-                self._written_items -= len(written.entries)
+        written = self._take_written(oid)
         if written is not None:
-            self._decoded(len(written.entries))  # held from now on, as if decoded
             return written
         payload = self.payload(oid)
         if payload[:8] != INDEX_MAGIC:
-            decoded = decode_tree(payload)
-            if self.keep_payloads:
-                decoded.payload = payload
-            return decoded
+            return self._decode(payload)
         total_bytes, total_files, n, parts = decode_index(payload)
         entries: list[Entry] = []
         for part, count in parts:
-            run = self._part(part)
+            run = self._part(part).entries
             if len(run) != count or not run or (entries and entries[-1].name >= run[0].name):
                 raise Corrupt(f"part {part.hex()} does not fit tree index {oid.hex()}")
             entries += run
@@ -638,8 +632,29 @@ class Reader:
         self._decoded(n)
         return Tree(entries, total_bytes, total_files, parts)
 
-    def _part_entries(self, oid: bytes) -> list[Entry]:
-        return decode_tree(self.payload(oid)).entries
+    def part(self, oid: bytes) -> Tree:
+        """A part of a split directory, as a tree of its own (cached)."""
+        return self._part(oid)
+
+    def _part_tree(self, oid: bytes) -> Tree:
+        """A part of a split directory, as a tree of its own: a commit splices it."""
+        written = self._take_written(oid)
+        return written if written is not None else self._decode(self.payload(oid))
+
+    def _take_written(self, oid: bytes) -> Tree | None:
+        with self._written_lock:
+            written = self._written.pop(oid, None)
+            if written is not None:
+                self._written_items -= len(written.entries)
+        if written is not None:
+            self._decoded(len(written.entries))  # held from now on, as if decoded
+        return written
+
+    def _decode(self, payload: bytes) -> Tree:
+        decoded = decode_tree(payload)
+        if self.keep_payloads:
+            decoded.payload = payload
+        return decoded
 
     def remember(self, oid: bytes, tree: Tree, tally: Tally | None = None) -> None:
         """A tree just written (and not decoded from the store): the next ``tree(oid)``
