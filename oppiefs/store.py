@@ -19,7 +19,7 @@ Named databases:
   nodes      node name -> JSON record (owned by state.py, stored here for atomicity)
   files      host path -> what an import last read there (tree.py's files cache)
   sessions   u64 session id -> JSON {pid, gen}: in-flight imports/commits
-  meta       counters: gen, objects, stored_bytes, slot, pseq
+  meta       counters: gen, objects, stored_bytes, slot, pseq, fseq; the layout's format
 
 GC safety: a new object starts at count 0 and is listed in ``zero`` with the current
 generation. The sweeper deletes a zero-count object only if it became unreferenced before
@@ -89,6 +89,7 @@ from .errors import (
     NotFound,
     OppieError,
     PermissionDenied,
+    Unsupported,
 )
 
 KIND_CHUNK = b"C"
@@ -105,6 +106,9 @@ Batch = dict[bytes, tuple[bytes, bytes, "Iterable[bytes] | None", bool]]
 _PARENTS = b"P"  # starts a ``pending`` record of parent oids (one of child oids is 32 * n)
 
 _U64 = struct.Struct("<Q")
+# The layout this code reads and writes, kept in meta ``format`` (absent: older layouts,
+# which open() migrates). 1: objects keyed by slot; 2: and the fresh records.
+FORMAT = 2
 # A batch with more new objects than this indexes them in ``slots`` at once (an import): the
 # fresh records are for the few objects of a commit, and every process holds them decoded.
 FRESH_BATCH_MAX = 256
@@ -437,7 +441,24 @@ class Store:
                 raise _lmdb_error(exc, f"store {self.path}") from exc
             raise OppieError(f"store {self.path}: {exc.strerror or exc}") from exc
         self.db = {name: self.env.open_db(name.encode()) for name in _DBS}
+        try:
+            self._check_format()
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_format(self) -> None:
+        """Refuse a store of a newer format (an older oppiefs would misread it: one that
+        knows no fresh records reads a commit's objects as missing); bring an older one up
+        to date and mark it."""
+        with self.env.begin() as txn:
+            found = self._meta_int(txn, b"format")
+        if found > FORMAT:
+            raise Unsupported(f"store {self.path} has format {found}, from a newer oppiefs; "
+                              f"this one reads formats up to {FORMAT}: upgrade oppiefs")
         self._migrate()
+        if found < FORMAT:
+            self.write(lambda txn: self._set_meta_int(txn, b"format", FORMAT), "mark format")
 
     def _migrate(self) -> None:
         """Move a store of an older layout (objects keyed by id; counts keyed by id) to

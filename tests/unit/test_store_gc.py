@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import lmdb
 import pytest
 
 from oppiefs import overlay, tree
-from oppiefs.errors import Busy, NotFound
-from oppiefs.store import KIND_CHUNK, Store, _lock_use, compact
+from oppiefs.errors import Busy, NotFound, Unsupported
+from oppiefs.store import FORMAT, KIND_CHUNK, Store, _lock_use, compact
 
 
 def _tree(root: Path, files: dict[str, bytes]) -> Path:
@@ -104,6 +105,28 @@ def test_commit_logs_increments_and_drain_applies_them(store: Store, tmp_path: P
     assert store.refcount(shared[0]) == 2
     assert reader.read_all(reader.lookup(built.oid, "big/f007")) == b"changed"
     assert store.check() == []
+
+
+def test_a_store_of_a_newer_format_is_refused_and_an_older_one_marked(tmp_path: Path) -> None:
+    """A format this code does not know fails the open, loudly and before anything is read
+    or written; a store from before the marker gets it on open."""
+    path = tmp_path / "store"
+    with tree.open_store(path) as s:
+        assert s._meta_int(s.env.begin(), b"format") == FORMAT
+        s.write(lambda txn: txn.delete(b"format", db=s.db["meta"]))
+    with tree.open_store(path) as s:
+        assert s._meta_int(s.env.begin(), b"format") == FORMAT
+        s.write(lambda txn: s._set_meta_int(txn, b"format", FORMAT + 1))
+        last = s.last_change()
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(Unsupported, match=f"format {FORMAT + 1}, from a newer oppiefs"):
+        tree.open_store(path)
+    assert len(os.listdir("/proc/self/fd")) == fds  # the environment and its lock closed
+    env = lmdb.open(str(path), max_dbs=16, readonly=True, lock=False)
+    try:
+        assert env.info()["last_txnid"] == last
+    finally:
+        env.close()
 
 
 @pytest.mark.parametrize("layout", ["counts by id", "objects by id"])
