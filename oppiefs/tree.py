@@ -584,8 +584,9 @@ class Reader:
         self.keep_payloads = keep_payloads
         self.tree: Callable[[bytes], Tree] = functools.lru_cache(maxsize=trees)(self._tree)
         # Parts of split directories on their own too: a new version of a big directory
-        # shares all but a few parts with the last one, so decoding it is mostly lookups.
-        self._part: Callable[[bytes], Tree] = functools.lru_cache(maxsize=trees)(self._part_tree)
+        # shares all but a few parts with the last one, so decoding it is mostly lookups,
+        # and a commit splices a part as it splices a small directory.
+        self.part: Callable[[bytes], Tree] = functools.lru_cache(maxsize=trees)(self._part_tree)
         self._filemap = functools.lru_cache(maxsize=lists)(self._list)
         self.big_budget = big_budget
         # See remember(). Commits in several threads share a Reader: hence the lock.
@@ -593,9 +594,9 @@ class Reader:
         self._written_items = 0
         self._written_lock = threading.Lock()
         self.big_decoded = 0  # items of large objects decoded since the last clear
-        clear_trees = self.tree.cache_clear  # type: ignore[attr-defined]
-        self._clears: list[Callable[[], None]] = [clear_trees, self._part.cache_clear,
-                                                  self._filemap.cache_clear]
+        self._clears: list[Callable[[], None]] = [
+            self.tree.cache_clear, self.part.cache_clear,  # type: ignore[attr-defined]
+            self._filemap.cache_clear]
 
     def also_clear(self, cache_clear: Callable[[], None]) -> None:
         """Clear another cache of decoded objects (or parts of them) along with ours."""
@@ -623,7 +624,7 @@ class Reader:
         total_bytes, total_files, n, parts = decode_index(payload)
         entries: list[Entry] = []
         for part, count in parts:
-            run = self._part(part).entries
+            run = self.part(part).entries
             if len(run) != count or not run or (entries and entries[-1].name >= run[0].name):
                 raise Corrupt(f"part {part.hex()} does not fit tree index {oid.hex()}")
             entries += run
@@ -632,12 +633,7 @@ class Reader:
         self._decoded(n)
         return Tree(entries, total_bytes, total_files, parts)
 
-    def part(self, oid: bytes) -> Tree:
-        """A part of a split directory, as a tree of its own (cached)."""
-        return self._part(oid)
-
     def _part_tree(self, oid: bytes) -> Tree:
-        """A part of a split directory, as a tree of its own: a commit splices it."""
         written = self._take_written(oid)
         return written if written is not None else self._decode(self.payload(oid))
 

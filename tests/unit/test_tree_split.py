@@ -254,10 +254,10 @@ def test_a_new_version_of_a_split_directory_decodes_only_its_new_parts(
     v2 = tree.import_dir(store, tmp_path / "src").root
     reader = tree.Reader(store)
     one = reader.tree(reader.lookup(v1, "big").ref)
-    misses = reader._part.cache_info().misses  # type: ignore[attr-defined]
+    misses = reader.part.cache_info().misses  # type: ignore[attr-defined]
     two = reader.tree(reader.lookup(v2, "big").ref)
     assert one.parts is not None and two.parts is not None and len(one.parts) > 20
     new_parts = len(set(two.parts) - set(one.parts))
     assert new_parts == 1
-    assert reader._part.cache_info().misses - misses == new_parts  # type: ignore[attr-defined]
+    assert reader.part.cache_info().misses - misses == new_parts  # type: ignore[attr-defined]
     assert [e.name for e in two.entries] == [e.name for e in one.entries]
