@@ -40,7 +40,12 @@ log = logging.getLogger("oppiefs.state")
 
 GC_GAP_S = 1.0
 GC_IDLE_S = 0.02  # the sweeper works in the gaps between commands ...
-GC_MAX_DEFER_S = 2.0  # ... but waits no longer than this for one (sustained load)
+GC_MAX_DEFER_S = 2.0  # ... but waits no longer than this for one
+# Objects one sweeper transaction may delete (each holds up commits while it runs; the
+# first of a sweep also nets the whole increment log: see Store._sweep_batch).
+SWEEP_BATCH = 256
+GC_DEBT = 1024  # unapplied commits (log records) at which the sweeper stops waiting for gaps
+GC_REST = 3.0  # ... and rests this many times as long as it worked instead
 TRASH_PREFIX = ".trash-"  # dropped node dirs waiting to be deleted (not a valid node id)
 NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -119,15 +124,37 @@ class StateManager:
                 self._active -= 1
                 self._last_active = time.monotonic()
 
-    def _wait_idle(self, stop: threading.Event) -> None:
-        """Wait for a pause in the command stream (at most GC_MAX_DEFER_S, so that under
-        sustained load the sweeper still makes progress: each drain transaction applies up
-        to DRAIN_LIMIT logged references)."""
-        deadline = time.monotonic() + GC_MAX_DEFER_S
-        while not stop.is_set() and time.monotonic() < deadline:
-            if not self._active and time.monotonic() - self._last_active >= GC_IDLE_S:
+    def _wait_idle(self, stop: threading.Event, rest: float | None = None) -> None:
+        """Wait for a pause in the command stream: ``GC_IDLE_S`` without a command, at most
+        GC_MAX_DEFER_S (then a moment with none in progress). ``rest``: go on after that
+        many seconds at the first moment no command is in progress (a busy search loop
+        leaves no quiet gaps)."""
+        start = time.monotonic()
+        limit = GC_MAX_DEFER_S if rest is None else min(rest, GC_MAX_DEFER_S)
+        while not stop.is_set():
+            now = time.monotonic()
+            if not self._active and (now - self._last_active >= GC_IDLE_S
+                                     or now - start >= limit):
                 return
-            stop.wait(GC_IDLE_S / 2)
+            stop.wait(GC_IDLE_S / 4 if now - start < limit else 0.0005)
+
+    def _paced(self, stop: threading.Event) -> Callable[[], None]:
+        """A ``between`` hook for the sweeper. It works in quiet gaps between commands, so
+        it holds up none; a busy search loop leaves none, and once the sweeper is that far
+        behind (``GC_DEBT`` unapplied commits) it works at the first moment no command is
+        in progress instead, until this sweep is done, resting ``GC_REST`` x as long as its
+        last transaction took: it takes at most 1 / (1 + GC_REST) of the time, and the
+        store stays bounded."""
+        last = time.monotonic()
+        behind = False
+
+        def between() -> None:
+            nonlocal last, behind
+            behind = behind or self.store.backlog() >= GC_DEBT
+            self._wait_idle(stop, GC_REST * (time.monotonic() - last) if behind else None)
+            last = time.monotonic()
+
+        return between
 
     # -- commands ---------------------------------------------------------------------------
 
@@ -280,8 +307,8 @@ class StateManager:
                gap: float = GC_GAP_S) -> None:
         """Background sweeper: after prunes/drops (at most once per ``gap`` seconds, so a
         busy search loop pays for one sweep per second, not one per operation) and every
-        ``interval`` seconds (which also applies commits' logged references). Each of its
-        transactions waits for a gap between commands (``_wait_idle``)."""
+        ``interval`` seconds (which also applies commits' logged references). Its
+        transactions go in the gaps between commands, paced (``_paced``)."""
         while not stop.is_set():
             self.gc_wanted.wait(interval)
             self.gc_wanted.clear()
@@ -290,7 +317,7 @@ class StateManager:
             self._wait_idle(stop)
             self.empty_trash()
             try:
-                n, nbytes = self.store.sweep(batch=32, between=lambda: self._wait_idle(stop))
+                n, nbytes = self.store.sweep(batch=SWEEP_BATCH, between=self._paced(stop))
                 if n:
                     log.info("gc: freed %d objects, %d bytes", n, nbytes)
             except OppieError as exc:

@@ -117,12 +117,16 @@ FRESH_MAX = 1024  # fresh records a commit may find before it merges some itself
 # Records merged per transaction: a merge holds the write lock, and a commit waiting for it
 # waits for every random insert it makes (256 records at once stalled a commit 180 ms).
 FRESH_MERGE_CHUNK = 16
-# Logged increments applied per transaction (summed per object first): small while the log
-# is short, so a drain never holds up a commit for long; large when a sustained burst of
-# commits has built a backlog, so the log cannot grow without bound.
-DRAIN_LIMIT = 512
-DRAIN_LIMIT_BACKLOG = 32_768
-DRAIN_BACKLOG = 2_000  # log records
+# Logged increments applied per transaction when the log is too long for a sweep to net
+# (summed per object first; about two kernel-tree commits): a drain holds up a commit for
+# a few milliseconds at most. Under sustained load the daemon paces the sweeper instead
+# (state.py), so the log cannot grow without bound.
+DRAIN_LIMIT = 4096
+# A sweep applies a log of up to this many records itself, netted against its deletions;
+# a longer one (the sweeper was held up) is drained in bounded transactions first, since
+# the sweep would be one long transaction.
+SWEEP_LOG_MAX = 128
+REFS_ITEMS = 1 << 18  # children the sweeper keeps read ahead, at most (about 70 B each)
 _INITIAL_MAP = 1 << 40  # address space only: LMDB files grow with use, not with map size
 _DBS = ("slots", "fresh", "data", "counts", "zero", "pending", "snapshots", "nodes",
         "sessions", "files", "meta",
@@ -415,6 +419,9 @@ class Store:
         self._grow_lock = threading.Lock()
         self._use_fd: int | None = None
         self._fresh = _FreshIndex()
+        # Children of objects the sweeper will count or delete (see _parent_refs).
+        self._refs: dict[bytes, list[bytes]] = {}
+        self._refs_items = 0
         # The write transaction in progress (LMDB allows one per environment) and the
         # fresh records it appended: they are not committed, so never in ``_fresh``.
         self._wtxn: lmdb.Transaction | None = None
@@ -769,10 +776,12 @@ class Store:
             raise Corrupt(f"{name} records out of order")
         return seq
 
-    def _logged(self, txn: lmdb.Transaction) -> Iterator[tuple[bytes, list[bytes]]]:
+    def _logged(self, txn: lmdb.Transaction, *, cached: bool = True
+                ) -> Iterator[tuple[bytes, list[bytes]]]:
         """(key, child oids to count +1) of each record of the increment log, oldest first.
         A parent record's parents are decoded: they stay stored at least until it is
-        applied (every sweep applies the whole log before it deletes anything)."""
+        applied (every sweep applies the whole log before it deletes anything).
+        ``cached=False`` (fsck) reads every parent again instead of trusting ``_refs``."""
         for key, raw in txn.cursor(db=self.db["pending"]):
             if len(raw) % 32 == 0:  # child oids (a parent record has one byte more)
                 yield key, [raw[i:i + 32] for i in range(0, len(raw), 32)]
@@ -781,15 +790,50 @@ class Store:
                 raise Corrupt(f"unreadable reference log record {key.hex()}")
             children: list[bytes] = []
             for i in range(1, len(raw), 32):
-                parent = raw[i:i + 32]
-                slot = self._slot(txn, parent)
-                stored = txn.get(slot, db=self.db["data"]) if slot is not None else None
-                if stored is None:
-                    raise Corrupt(f"logged parent {parent.hex()} is missing")
-                if oid_of(stored[1:]) != parent:  # never count a damaged object's references
-                    raise Corrupt(f"logged parent {parent.hex()} is corrupt (hash mismatch)")
-                children += self.children_of(stored[:1], stored[1:])
+                children += self._parent_refs(txn, raw[i:i + 32], cached)
             yield key, children
+
+    def _parent_refs(self, txn: lmdb.Transaction, parent: bytes,
+                     cached: bool = True) -> list[bytes]:
+        """The children of a logged parent, read and verified once: objects never change,
+        so the sweeper reads them outside its write transactions (``_prefetch``)."""
+        refs = self._refs.get(parent) if cached else None
+        if refs is not None:
+            return refs
+        slot = self._slot(txn, parent)
+        stored = txn.get(slot, db=self.db["data"]) if slot is not None else None
+        if stored is None:
+            raise Corrupt(f"logged parent {parent.hex()} is missing")
+        if oid_of(stored[1:]) != parent:  # never count a damaged object's references
+            raise Corrupt(f"logged parent {parent.hex()} is corrupt (hash mismatch)")
+        refs = list(self.children_of(stored[:1], stored[1:]))
+        if cached:
+            self._remember_refs(parent, refs)
+        return refs
+
+    def _remember_refs(self, oid: bytes, refs: list[bytes]) -> None:
+        if self._refs_items > REFS_ITEMS:
+            self._refs.clear()
+            self._refs_items = 0
+        self._refs[oid] = refs
+        self._refs_items += len(refs) + 1
+
+    def _prefetch(self, batch: int) -> None:
+        """Read the children of what the next sweep transaction needs (the logged parents,
+        the first ``batch`` queued objects) in a read transaction, so that the write
+        transaction, which holds up every commit, mostly just counts."""
+        with self.env.begin() as txn:
+            for _ in self._logged(txn):
+                pass
+            for n, oid in enumerate(txn.cursor(db=self.db["zero"]).iternext(values=False)):
+                if n >= batch:
+                    break
+                if oid in self._refs:
+                    continue
+                slot = self._slot(txn, oid)
+                raw = txn.get(slot, db=self.db["data"]) if slot is not None else None
+                if raw is not None and raw[:1] != KIND_CHUNK and oid_of(raw[1:]) == oid:
+                    self._remember_refs(oid, list(self.children_of(raw[:1], raw[1:])))
 
     def _drain(self, txn: lmdb.Transaction, limit: int | None = None) -> bool:
         """Apply logged increments, oldest first (all, or about ``limit``); True if some left.
@@ -814,9 +858,21 @@ class Store:
             txn.delete(key, db=pending)
         return limit is not None and n >= limit and txn.stat(pending)["entries"] > 0
 
-    def _drain_limit(self, txn: lmdb.Transaction) -> int:
-        backlog = txn.stat(self.db["pending"])["entries"]
-        return DRAIN_LIMIT_BACKLOG if backlog > DRAIN_BACKLOG else DRAIN_LIMIT
+    def backlog(self) -> int:
+        """Records of the increment log: commits whose references the sweeper has not
+        applied yet (a measure of how far behind it is)."""
+        with self.env.begin() as txn:
+            return int(txn.stat(self.db["pending"])["entries"])
+
+    def _drain_backlog(self, txn: lmdb.Transaction) -> bool:
+        """Apply the oldest logged increments while the log holds more than
+        ``SWEEP_LOG_MAX`` records (after a burst of commits): a sweep nets what is left
+        against its deletions, in one transaction. True while there is more to apply."""
+        pending = self.db["pending"]
+        if txn.stat(pending)["entries"] <= SWEEP_LOG_MAX:
+            return False
+        self._drain(txn, limit=DRAIN_LIMIT)
+        return txn.stat(pending)["entries"] > SWEEP_LOG_MAX
 
     def _decref(self, txn: lmdb.Transaction, oid: bytes) -> None:
         slot = self._slot(txn, oid)
@@ -1088,43 +1144,86 @@ class Store:
               between: Callable[[], None] | None = None) -> tuple[int, int]:
         """Delete unreferenced objects no in-flight session can need; returns (n, bytes).
 
-        Works in transactions of ``batch`` objects; a background sweeper passes small
-        batches and a ``between`` hook (wait for a pause in the foreground) so commits
-        never wait long for the write lock. Once ``FRESH_MERGE`` fresh records have
-        piled up it merges them into ``slots`` first.
+        Works in transactions of up to ``batch`` deletions, each of which applies the whole
+        increment log (``_sweep_batch``); a background sweeper passes a ``between`` hook
+        (which paces it between commands) so commits never wait long for the write lock.
+        Then, once ``FRESH_MERGE`` fresh records have piled up, it merges them into
+        ``slots`` (after the deletions: the dead entries need no merging).
         """
-        if self.merge_fresh(FRESH_MERGE, between) and between:
-            between()
-        while self.write(lambda txn: self._drain(txn, limit=self._drain_limit(txn)),
-                         "apply references"):
+        while self.write(self._drain_backlog, "apply references"):
             if between:
                 between()
         total_n = total_bytes = 0
         while True:
+            self._prefetch(batch)
             n, nbytes, more = self.write(lambda txn: self._sweep_batch(txn, batch), "gc sweep")
             total_n += n
             total_bytes += nbytes
             if not more:
-                return total_n, total_bytes
+                break
             if between:
                 between()
+        if between:
+            between()
+        self.merge_fresh(FRESH_MERGE, between)
+        return total_n, total_bytes
 
     def _sweep_batch(self, txn: lmdb.Transaction, batch: int) -> tuple[int, int, bool]:
-        self._drain(txn)
+        """Apply the whole increment log and delete up to ``batch`` unreferenced objects,
+        netted in memory first; returns (objects gone, bytes freed, more to do).
+
+        An object's true count is its applied count plus its logged increments. Deleting an
+        object takes one from each of its children, and a child left at zero goes in the
+        same transaction (queued instead while a session is in flight: it may be reusing
+        it). Counts are written once, at the end, and only where they changed. A commit
+        pruned before its log record was applied adds and removes the same edges, so its
+        objects go without one count of its directories' unchanged entries being written:
+        in a search loop that is most commits, and applying and then undoing those edges
+        had cost more than the search itself, so the sweeper fell behind under load.
+        """
+        zero = self.db["zero"]
+        delta: dict[bytes, int] = {}
+        records = []
+        for key, children in self._logged(txn):
+            records.append(key)
+            for child in children:
+                delta[child] = delta.get(child, 0) + 1
+        applied: dict[bytes, tuple[bytes, int]] = {}  # oid -> (slot, applied count)
+
+        def count(oid: bytes) -> tuple[bytes, int]:
+            got = applied.get(oid)
+            if got is None:
+                slot = self._slot(txn, oid)
+                if slot is None:
+                    raise Corrupt(f"reference to missing object {oid.hex()}")
+                got = applied[oid] = (slot, self._count_at(txn, slot))
+            return got
+
         oldest = self._oldest_live_session(txn)
-        victims = []
-        for oid, raw in txn.cursor(db=self.db["zero"]):
+        stack = []
+        for oid, raw in txn.cursor(db=zero):
             if oldest is None or _U64.unpack(raw)[0] < oldest:
-                victims.append(oid)
-                if len(victims) >= batch:
+                stack.append(oid)
+                if len(stack) >= batch:
                     break
+        more = len(stack) >= batch
+        stack.reverse()  # oldest ids first
+        gone: set[bytes] = set()
         nbytes = freed = 0
-        for oid in victims:
-            txn.delete(oid, db=self.db["zero"])
-            slot = self._slot(txn, oid)
-            if slot is None:
+        while stack and len(gone) < batch:
+            oid = stack.pop()
+            if oid in gone:
                 continue
+            slot = self._slot(txn, oid)
+            if slot is None:  # queued, but its record is gone: forget it
+                txn.delete(oid, db=zero)
+                gone.add(oid)
+                continue
+            if count(oid)[1] + delta.get(oid, 0):
+                continue  # referenced after all (the write-back below unqueues it)
+            gone.add(oid)
             raw = txn.get(slot, db=self.db["data"])
+            txn.delete(oid, db=zero)
             txn.delete(oid, db=self.db["slots"])  # a fresh entry is dead once its count goes
             txn.delete(slot, db=self.db["counts"])
             if raw is None:
@@ -1133,16 +1232,36 @@ class Store:
             freed += 1
             nbytes += len(raw) - 1
             kind, payload = raw[:1], raw[1:]
-            if kind != KIND_CHUNK:
-                for child in self.children_of(kind, payload):
-                    self._decref(txn, child)
-        if victims:
+            if kind == KIND_CHUNK:
+                continue
+            refs = self._refs.pop(oid, None)
+            for child in self.children_of(kind, payload) if refs is None else refs:
+                left = delta[child] = delta.get(child, 0) - 1
+                left += count(child)[1]
+                if left < 0:
+                    raise Corrupt(f"reference count underflow on object {child.hex()}")
+                if left == 0 and oldest is None:
+                    stack.append(child)
+        more = more or bool(stack)
+        gen = self._meta_int(txn, b"gen")
+        for oid, d in delta.items():
+            if oid in gone:
+                continue
+            slot, have = count(oid)
+            if d:
+                txn.put(slot, _U64.pack(have + d), db=self.db["counts"])
+            if have + d == 0:
+                if txn.get(oid, db=zero) is None:
+                    txn.put(oid, _U64.pack(gen), db=zero)
+            elif have == 0:
+                txn.delete(oid, db=zero)
+        for key in records:
+            txn.delete(key, db=self.db["pending"])
+        if gone:
             self._set_meta_int(txn, b"objects", self._meta_int(txn, b"objects") - freed)
             self._set_meta_int(txn, b"stored_bytes",
                                self._meta_int(txn, b"stored_bytes") - nbytes)
-        more = len(victims) >= batch or (
-            bool(victims) and oldest is None and txn.stat(self.db["zero"])["entries"] > 0)
-        return len(victims), nbytes, more
+        return len(gone), nbytes, more
 
     def garbage(self) -> int:
         """Unreferenced objects waiting for the sweeper (logged increments counted in)."""
@@ -1226,7 +1345,7 @@ class Store:
         if stray:
             findings.append(f"{len(stray)} stored objects have no id record (unreachable)")
         try:
-            for _, children in self._logged(txn):  # logged, not yet applied
+            for _, children in self._logged(txn, cached=False):  # logged, not yet applied
                 for child in children:
                     actual[child] = actual.get(child, 0) + 1
         except OppieError as exc:

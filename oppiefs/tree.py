@@ -77,6 +77,7 @@ ZERO_ID = bytes(32)
 
 _HEAD = struct.Struct("<QQI")
 _ENTRY = struct.Struct("<BIIIQqH")
+_ENTRY_KIND = struct.Struct("<B28xH")  # an entry's type and name length (see _ENTRY)
 _U16 = struct.Struct("<H")
 _LIST_ITEM = struct.Struct("<32sI")
 _IDX_HEAD = struct.Struct("<QQII")
@@ -521,8 +522,35 @@ def children_of(kind: bytes, payload: bytes) -> list[bytes]:
     if kind == KIND_TREE and payload[:8] == INDEX_MAGIC:
         return [oid for oid, _ in decode_index(payload)[3]]
     if kind == KIND_TREE:
-        return _entry_refs(decode_tree(payload).entries)
+        return tree_refs(payload)
     raise Corrupt(f"unknown object kind {kind!r}")
+
+
+def tree_refs(payload: bytes) -> list[bytes]:
+    """The object ids a one-object tree references, read without decoding its entries: the
+    sweeper reads every tree a commit adds twice (applying its references, deleting it)."""
+    if payload[:8] != TREE_MAGIC:
+        raise Corrupt("not a tree object")
+    refs = []
+    try:
+        n = _HEAD.unpack_from(payload, 8)[2]
+        pos = 8 + _HEAD.size
+        unpack, esize = _ENTRY_KIND.unpack_from, _ENTRY.size
+        for _ in range(n):
+            etype, nlen = unpack(payload, pos)
+            pos += esize + nlen
+            if etype == T_SYMLINK:
+                pos += 2 + _U16.unpack_from(payload, pos)[0]
+                continue
+            ref = payload[pos:pos + 32]
+            pos += 32
+            if etype in (T_CHUNKED, T_DIR) or (etype == T_FILE and ref != ZERO_ID):
+                refs.append(ref)
+    except struct.error as exc:
+        raise Corrupt(f"truncated tree object: {exc}") from exc
+    if pos != len(payload):
+        raise Corrupt("trailing bytes in tree object")
+    return refs
 
 
 def _entry_refs(entries: list[Entry]) -> list[bytes]:

@@ -261,3 +261,28 @@ def test_a_new_version_of_a_split_directory_decodes_only_its_new_parts(
     assert new_parts == 1
     assert reader.part.cache_info().misses - misses == new_parts  # type: ignore[attr-defined]
     assert [e.name for e in two.entries] == [e.name for e in one.entries]
+
+
+def test_tree_refs_reads_the_references_a_decode_gives() -> None:
+    """The sweeper's reader of a tree's references skips decoding its entries: it must name
+    exactly the references of the decoded tree, and refuse a cut or padded payload."""
+    rng = random.Random(7)
+    kinds = [tree.T_FILE, tree.T_CHUNKED, tree.T_DIR, tree.T_SYMLINK]
+    for _ in range(300):
+        entries = []
+        for i in range(rng.randint(0, 40)):
+            etype = rng.choice(kinds)
+            empty = etype == tree.T_SYMLINK or (etype == tree.T_FILE and rng.random() < 0.3)
+            entries.append(tree.Entry(
+                f"n{i}{'x' * rng.randint(0, 30)}".encode(), etype, 0o644, 0, 0, rng.randint(0, 99),
+                5, tree.ZERO_ID if empty else rng.randbytes(32),
+                rng.randbytes(rng.randint(1, 50)) if etype == tree.T_SYMLINK else b""))
+        payload, _, _ = tree.encode_tree(entries)
+        want = [e.ref for e in tree.decode_tree(payload).entries
+                if e.type in (tree.T_CHUNKED, tree.T_DIR)
+                or (e.type == tree.T_FILE and e.ref != tree.ZERO_ID)]
+        assert tree.tree_refs(payload) == want
+        for bad in (payload[:-1], payload + b"\0", payload[:30]):
+            if entries:
+                with pytest.raises(Corrupt):
+                    tree.tree_refs(bad)
