@@ -107,6 +107,71 @@ def test_commit_logs_increments_and_drain_applies_them(store: Store, tmp_path: P
     assert store.check() == []
 
 
+def _commit(store: Store, reader: tree.Reader, base: bytes, upper: Path) -> bytes:
+    with store.writer() as w:
+        built = tree.apply_upper(reader, w, base, os.fsencode(upper), overlay.scan_upper)
+        store.publish(w, built.oid, parent=base.hex(), logical_bytes=built.bytes,
+                      files=built.files)
+    return built.oid
+
+
+def _counts(store: Store) -> dict[bytes, int]:
+    return {oid: store.refcount(oid) for oid in _oids(store)}
+
+
+def test_a_commit_pruned_before_its_references_are_applied_leaves_no_trace(
+        store: Store, tmp_path: Path) -> None:
+    """The sweep nets a commit's logged references against its deletions: afterwards the
+    store is exactly as before the commit (objects, bytes, every count), and a commit made
+    on top of the pruned one, which shares its new directories, keeps them."""
+    files = {f"a/b/c/f{j}": os.urandom(500) for j in range(40)}
+    files.update({f"a/g{j}": os.urandom(300) for j in range(30)})
+    base = tree.import_dir(store, _tree(tmp_path / "src", files)).root
+    store.sweep()
+    before, stats = _counts(store), store.stats()
+    reader = tree.Reader(store, keep_payloads=True)
+    one = _commit(store, reader, base, _tree(tmp_path / "u1", {"a/b/c/f3": b"one"}))
+    two = _commit(store, reader, one, _tree(tmp_path / "u2", {"a/g1": b"two"}))
+    with store.env.begin() as txn:
+        assert txn.stat(store.db["pending"])["entries"] == 2  # neither applied yet
+    store.release(one)
+    n, _ = store.sweep()
+    assert n >= 1 and store.check() == []
+    fresh = tree.Reader(store)
+    assert fresh.read_all(fresh.lookup(two, "a/b/c/f3")) == b"one"  # one's, kept by two
+    assert fresh.read_all(fresh.lookup(two, "a/g1")) == b"two"
+    store.release(two)
+    store.sweep()
+    assert store.check() == []
+    assert _counts(store) == before
+    assert (store.stats().objects, store.stats().stored_bytes) == (stats.objects,
+                                                                   stats.stored_bytes)
+
+
+def test_what_a_deletion_frees_waits_for_a_session_in_flight(
+        store: Store, tmp_path: Path) -> None:
+    """A commit's root goes at once; the directories only it referenced become
+    unreferenced during the sweep, so while another session is in flight (it may be
+    reusing them) they are queued, not deleted; they go once it has ended."""
+    files = {f"x/y/f{j}": os.urandom(400) for j in range(20)}
+    base = tree.import_dir(store, _tree(tmp_path / "src", files)).root
+    store.sweep()
+    reader = tree.Reader(store, keep_payloads=True)
+    one = _commit(store, reader, base, _tree(tmp_path / "u1", {"x/y/f1": b"changed"}))
+    x_one = reader.lookup(one, "x").ref
+    store.release(one)
+    w = store.writer(batch_bytes=1)
+    w.put(KIND_CHUNK, b"in flight", ())
+    w.wait()
+    store.sweep()
+    assert not store.exists(one) and store.exists(x_one)
+    assert store.check() == []
+    w.abort()
+    store.sweep()
+    assert not store.exists(x_one)
+    assert store.check() == []
+
+
 def test_a_store_of_a_newer_format_is_refused_and_an_older_one_marked(tmp_path: Path) -> None:
     """A format this code does not know fails the open, loudly and before anything is read
     or written; a store from before the marker gets it on open."""
