@@ -45,7 +45,7 @@ GC_MAX_DEFER_S = 2.0  # ... but waits no longer than this for one
 # first of a sweep also nets the whole increment log: see Store._sweep_batch).
 SWEEP_BATCH = 256
 GC_DEBT = 1024  # unapplied commits (log records) at which the sweeper stops waiting for gaps
-GC_REST = 3.0  # ... and rests this many times as long as it worked instead
+GC_REST = 6.0  # ... and rests this many times as long as it worked instead
 TRASH_PREFIX = ".trash-"  # dropped node dirs waiting to be deleted (not a valid node id)
 NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
