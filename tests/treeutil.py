@@ -21,6 +21,8 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
+from oppiefs import overlay, tree
+from oppiefs.store import Store
 from oppiefs.tree import Entry
 
 # (type, mode, size, mtime_ns, symlink target or sha256 of content; b"" for directories)
@@ -335,3 +337,13 @@ def with_changes(entries: list[Entry], changes: dict[bytes, Entry | None]) -> li
         else:
             merged[name] = e
     return sorted(merged.values(), key=lambda e: e.name)
+
+
+def commit_upper(store: Store, reader: tree.Reader, base: bytes, upper: Path) -> bytes:
+    """Commit a plain directory laid out as an overlay upper dir on top of ``base`` (what
+    the daemon's commit does, without a mount); returns the new snapshot's root."""
+    with store.writer() as w:
+        built = tree.apply_upper(reader, w, base, os.fsencode(upper), overlay.scan_upper)
+        store.publish(w, built.oid, parent=base.hex(), logical_bytes=built.bytes,
+                      files=built.files)
+    return built.oid

@@ -18,7 +18,7 @@ import pytest
 from oppiefs import overlay, tree
 from oppiefs.store import KIND_CHUNK, KIND_TREE, Store
 from oppiefs.store import oid_of as store_oid
-from tests.treeutil import with_changes
+from tests.treeutil import commit_upper, with_changes
 
 
 def _entry(rng: random.Random, name: bytes) -> tree.Entry:
@@ -62,14 +62,6 @@ def test_splice_equals_a_fresh_encoding(seed: int) -> None:
         assert new.get(name) == decoded.get(name)
 
 
-def _commit(store: Store, reader: tree.Reader, base: bytes, upper: Path) -> bytes:
-    with store.writer() as w:
-        built = tree.apply_upper(reader, w, base, os.fsencode(upper), overlay.scan_upper)
-        store.publish(w, built.oid, parent=base.hex(), logical_bytes=built.bytes,
-                      files=built.files)
-    return built.oid
-
-
 def test_commit_logs_its_directories_and_the_sweeper_counts_their_children(
         store: Store, tmp_path: Path) -> None:
     src = tmp_path / "src"
@@ -86,7 +78,7 @@ def test_commit_logs_its_directories_and_the_sweeper_counts_their_children(
     (upper / "a" / "b" / "c" / "f07").write_bytes(b"changed")
     (upper / "a" / "b" / "c" / "new").write_bytes(b"a new file, stored by this commit")
     os.mknod(upper / "a" / "b" / "c" / "f08", 0o600 | 0o020000, 0)  # whiteout
-    child = _commit(store, reader, base, upper)
+    child = commit_upper(store, reader, base, upper)
 
     # Logged, not applied: still exact for fsck (which reads the log) and for refcount().
     assert store.check() == []
@@ -190,7 +182,7 @@ def test_trees_a_commit_hands_the_reader_equal_the_stored_ones(
         os.mknod(upper / "big" / f"f{rng.randrange(400):03d}", 0o600 | 0o020000, 0)
         (upper / "big" / "sub" / f"t{rng.randrange(30)}").write_bytes(b"x")
         (upper / "small" / f"s{rng.randrange(30)}").write_bytes(b"y")
-        base = _commit(store, reader, base, upper)
+        base = commit_upper(store, reader, base, upper)
         handed = dict(reader._written)
         assert any(t.parts for t in handed.values())
         fresh = tree.Reader(store)

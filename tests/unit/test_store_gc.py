@@ -16,6 +16,7 @@ import pytest
 from oppiefs import overlay, tree
 from oppiefs.errors import Busy, NotFound, Unsupported
 from oppiefs.store import FORMAT, KIND_CHUNK, Store, _lock_use, compact
+from tests.treeutil import commit_upper
 
 
 def _tree(root: Path, files: dict[str, bytes]) -> Path:
@@ -107,14 +108,6 @@ def test_commit_logs_increments_and_drain_applies_them(store: Store, tmp_path: P
     assert store.check() == []
 
 
-def _commit(store: Store, reader: tree.Reader, base: bytes, upper: Path) -> bytes:
-    with store.writer() as w:
-        built = tree.apply_upper(reader, w, base, os.fsencode(upper), overlay.scan_upper)
-        store.publish(w, built.oid, parent=base.hex(), logical_bytes=built.bytes,
-                      files=built.files)
-    return built.oid
-
-
 def _counts(store: Store) -> dict[bytes, int]:
     return {oid: store.refcount(oid) for oid in _oids(store)}
 
@@ -130,8 +123,8 @@ def test_a_commit_pruned_before_its_references_are_applied_leaves_no_trace(
     store.sweep()
     before, stats = _counts(store), store.stats()
     reader = tree.Reader(store, keep_payloads=True)
-    one = _commit(store, reader, base, _tree(tmp_path / "u1", {"a/b/c/f3": b"one"}))
-    two = _commit(store, reader, one, _tree(tmp_path / "u2", {"a/g1": b"two"}))
+    one = commit_upper(store, reader, base, _tree(tmp_path / "u1", {"a/b/c/f3": b"one"}))
+    two = commit_upper(store, reader, one, _tree(tmp_path / "u2", {"a/g1": b"two"}))
     with store.env.begin() as txn:
         assert txn.stat(store.db["pending"])["entries"] == 2  # neither applied yet
     store.release(one)
@@ -157,7 +150,7 @@ def test_what_a_deletion_frees_waits_for_a_session_in_flight(
     base = tree.import_dir(store, _tree(tmp_path / "src", files)).root
     store.sweep()
     reader = tree.Reader(store, keep_payloads=True)
-    one = _commit(store, reader, base, _tree(tmp_path / "u1", {"x/y/f1": b"changed"}))
+    one = commit_upper(store, reader, base, _tree(tmp_path / "u1", {"x/y/f1": b"changed"}))
     x_one = reader.lookup(one, "x").ref
     store.release(one)
     w = store.writer(batch_bytes=1)
