@@ -125,16 +125,16 @@ class StateManager:
                 self._last_active = time.monotonic()
 
     def _wait_idle(self, stop: threading.Event, rest: float | None = None) -> None:
-        """Wait for a pause in the command stream: ``GC_IDLE_S`` without a command, at most
-        GC_MAX_DEFER_S (then a moment with none in progress). ``rest``: go on after that
-        many seconds at the first moment no command is in progress (a busy search loop
-        leaves no quiet gaps)."""
+        """Wait for a pause in the command stream: ``GC_IDLE_S`` without a command, or
+        after ``rest`` seconds the first moment no command is in progress (a busy search
+        loop leaves no quiet gaps); at most GC_MAX_DEFER_S, so that the sweeper makes
+        progress however busy the commands keep it."""
         start = time.monotonic()
         limit = GC_MAX_DEFER_S if rest is None else min(rest, GC_MAX_DEFER_S)
         while not stop.is_set():
             now = time.monotonic()
-            if not self._active and (now - self._last_active >= GC_IDLE_S
-                                     or now - start >= limit):
+            quiet = now - self._last_active >= GC_IDLE_S or now - start >= limit
+            if now - start >= GC_MAX_DEFER_S or (quiet and not self._active):
                 return
             stop.wait(GC_IDLE_S / 4 if now - start < limit else 0.0005)
 

@@ -126,7 +126,9 @@ DRAIN_LIMIT = 4096
 # a longer one (the sweeper was held up) is drained in bounded transactions first, since
 # the sweep would be one long transaction.
 SWEEP_LOG_MAX = 128
-REFS_ITEMS = 1 << 18  # children the sweeper keeps read ahead, at most (about 70 B each)
+# Children the sweeper keeps read ahead, at most (~70 B each): a full log of kernel-tree
+# commits (SWEEP_LOG_MAX records of ~1,800) and the first queued objects fit.
+REFS_ITEMS = 1 << 19
 _INITIAL_MAP = 1 << 40  # address space only: LMDB files grow with use, not with map size
 _DBS = ("slots", "fresh", "data", "counts", "zero", "pending", "snapshots", "nodes",
         "sessions", "files", "meta",
@@ -688,12 +690,15 @@ class Store:
                 txn.delete(key.to_bytes(8, "big"), db=fresh)
         return len(live)
 
+    def fresh_records(self) -> int:
+        with self.env.begin() as txn:
+            return int(txn.stat(self.db["fresh"])["entries"])
+
     def merge_fresh(self, at_least: int = 1, between: Callable[[], None] | None = None) -> int:
         """Merge the fresh records there are now into ``slots`` if there are ``at_least``
         of them, in transactions of ``FRESH_MERGE_CHUNK`` records (``between`` runs
         between two); returns how many ids moved."""
-        with self.env.begin() as txn:
-            todo = txn.stat(self.db["fresh"])["entries"]
+        todo = self.fresh_records()
         if todo < max(at_least, 1):
             return 0
         moved = 0
@@ -1163,9 +1168,10 @@ class Store:
                 break
             if between:
                 between()
-        if between:
-            between()
-        self.merge_fresh(FRESH_MERGE, between)
+        if self.fresh_records() >= FRESH_MERGE:
+            if between:
+                between()
+            self.merge_fresh(FRESH_MERGE, between)
         return total_n, total_bytes
 
     def _sweep_batch(self, txn: lmdb.Transaction, batch: int) -> tuple[int, int, bool]:
@@ -1220,7 +1226,8 @@ class Store:
                 gone.add(oid)
                 continue
             if count(oid)[1] + delta.get(oid, 0):
-                continue  # referenced after all (the write-back below unqueues it)
+                txn.delete(oid, db=zero)  # referenced after all
+                continue
             gone.add(oid)
             raw = txn.get(slot, db=self.db["data"])
             txn.delete(oid, db=zero)
@@ -1250,10 +1257,9 @@ class Store:
             slot, have = count(oid)
             if d:
                 txn.put(slot, _U64.pack(have + d), db=self.db["counts"])
-            if have + d == 0:
-                if txn.get(oid, db=zero) is None:
-                    txn.put(oid, _U64.pack(gen), db=zero)
-            elif have == 0:
+            if have + d == 0 and txn.get(oid, db=zero) is None:
+                txn.put(oid, _U64.pack(gen), db=zero)
+            elif have + d and not have:
                 txn.delete(oid, db=zero)
         for key in records:
             txn.delete(key, db=self.db["pending"])
