@@ -544,7 +544,7 @@ def tree_refs(payload: bytes) -> list[bytes]:
                 continue
             ref = payload[pos:pos + 32]
             pos += 32
-            if etype in (T_CHUNKED, T_DIR) or (etype == T_FILE and ref != ZERO_ID):
+            if _is_ref(etype, ref):
                 refs.append(ref)
     except struct.error as exc:
         raise Corrupt(f"truncated tree object: {exc}") from exc
@@ -554,8 +554,12 @@ def tree_refs(payload: bytes) -> list[bytes]:
 
 
 def _entry_refs(entries: list[Entry]) -> list[bytes]:
-    return [e.ref for e in entries
-            if e.type in (T_CHUNKED, T_DIR) or (e.type == T_FILE and e.ref != ZERO_ID)]
+    return [e.ref for e in entries if _is_ref(e.type, e.ref)]
+
+
+def _is_ref(etype: int, ref: bytes) -> bool:
+    """Whether an entry references an object (an empty file and a symlink do not)."""
+    return etype in (T_CHUNKED, T_DIR) or (etype == T_FILE and ref != ZERO_ID)
 
 
 def open_store(path: str | os.PathLike[str], *, create: bool = True) -> Store:
