@@ -19,7 +19,7 @@ Named databases:
   nodes      node name -> JSON record (owned by state.py, stored here for atomicity)
   files      host path -> what an import last read there (tree.py's files cache)
   sessions   u64 session id -> JSON {pid, gen}: in-flight imports/commits
-  meta       counters: gen, objects, stored_bytes, slot, pseq, fseq; the layout's format
+  meta       counters: gen, objects, stored_bytes, slot, pseq, fseq, sweeps; the layout's format
 
 GC safety: a new object starts at count 0 and is listed in ``zero`` with the current
 generation. The sweeper deletes a zero-count object only if it became unreferenced before
@@ -30,8 +30,10 @@ same transaction as the last object writes. Sessions of dead processes are disca
 Why the increment log: re-encoding a directory of N entries adds N edges, and bumping N
 counts spread over random B-tree pages made every commit write megabytes. The publishing
 transaction instead appends the increments to ``pending`` (sequential pages); the
-reference state is ``counts`` + ``pending``, changed atomically, and every sweep transaction
-first applies the whole log, so counts are exact whenever a deletion is decided. A commit
+reference state is ``counts`` + ``pending``, changed atomically, and a sweep decides every
+deletion on that sum (the sweeper keeps the log summed in memory: ``_LogSum``). It applies
+only older records: a commit pruned while its record is logged is cancelled against it,
+without a count written (``_sweep_batch``), and in a search loop that is most commits. A commit
 logs its new directories themselves (a parent record, 32 bytes per directory) rather than
 their children (32 bytes per entry): on a tree of big directories the children made the
 log the biggest write of a commit, and listing them its biggest loop; the sweeper decodes
@@ -122,13 +124,17 @@ FRESH_MERGE_CHUNK = 16
 # a few milliseconds at most. Under sustained load the daemon paces the sweeper instead
 # (state.py), so the log cannot grow without bound.
 DRAIN_LIMIT = 4096
-# A sweep applies a log of up to this many records itself, netted against its deletions;
-# a longer one (the sweeper was held up) is drained in bounded transactions first, since
-# the sweep would be one long transaction.
-SWEEP_LOG_MAX = 128
-# Children the sweeper keeps read ahead, at most (~70 B each): a full log of kernel-tree
-# commits (SWEEP_LOG_MAX records of ~1,800) and the first queued objects fit.
+# Parent records a sweep leaves in the log, newest first: a commit pruned while its record
+# is there costs no count writes (its deletion cancels the record: see _sweep_batch), and in
+# a search loop most commits are pruned within a few iterations. Older records are applied.
+LOG_KEEP = 128
+# A log longer than this (the sweeper was held up) is drained in bounded transactions
+# before a sweep: it bounds what the sweeper holds summed in memory (``_LogSum``).
+SWEEP_LOG_MAX = 1024
+# Children the sweeper keeps read ahead, at most (~70 B each): the first queued objects and
+# the parents of a log of LOG_KEEP kernel-tree commits (~1,800 each) fit.
 REFS_ITEMS = 1 << 19
+COUNTED_MAX = 1 << 19  # objects the sweeper remembers as counted, at most (~30 B each)
 _INITIAL_MAP = 1 << 40  # address space only: LMDB files grow with use, not with map size
 _DBS = ("slots", "fresh", "data", "counts", "zero", "pending", "snapshots", "nodes",
         "sessions", "files", "meta",
@@ -411,6 +417,60 @@ def _fresh_pairs(txn: lmdb.Transaction, db: Any, start: int = 0,
             yield oid, (slot0 + j).to_bytes(8, "big")
 
 
+class _LogSum:
+    """The increment log summed per child, kept from one sweep transaction to the next.
+
+    A sweep decides deletions on true counts (applied count + logged increments), so it
+    needs the whole log summed, and a kernel-tree commit logs ~1,800 increments: summing the
+    log again in every transaction cost more than the sweeping. The sum changes only in
+    ``sync``, which brings it up to date from the records themselves (new, rewritten and
+    vanished ones), so a record another process applied or cancelled is noticed, and a
+    transaction that rolls back leaves nothing to undo.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        # key -> (raw record, its parents (none: a record of child ids), each one's refs)
+        self.records: dict[bytes, tuple[bytes, list[bytes], list[list[bytes]]]] = {}
+        self.delta: dict[bytes, int] = {}  # child -> increments logged for it
+        # A logged parent -> its record's key and its children.
+        self.parent_of: dict[bytes, tuple[bytes, list[bytes]]] = {}
+
+    def sync(self, store: Store, txn: lmdb.Transaction) -> None:
+        seen = set()
+        for key, raw in txn.cursor(db=store.db["pending"]):
+            seen.add(key)
+            held = self.records.get(key)
+            if held is not None and held[0] == raw:
+                continue
+            if held is not None:
+                self._drop(key)
+            parents, refs = store._record_refs(txn, key, raw)
+            self.records[key] = (raw, parents, refs)
+            if parents:
+                for parent, children in zip(parents, refs, strict=True):
+                    self.parent_of[parent] = (key, children)
+            for children in refs:
+                for child in children:
+                    self.delta[child] = self.delta.get(child, 0) + 1
+        for key in [key for key in self.records if key not in seen]:
+            self._drop(key)
+
+    def _drop(self, key: bytes) -> None:
+        _, parents, refs = self.records.pop(key)
+        for parent in parents:
+            if self.parent_of.get(parent, (None,))[0] == key:
+                del self.parent_of[parent]
+        delta = self.delta
+        for children in refs:
+            for child in children:
+                left = delta[child] - 1
+                if left:
+                    delta[child] = left
+                else:
+                    del delta[child]
+
+
 class Store:
     """The object store. Thread-safe: LMDB serializes writers, readers use short txns."""
 
@@ -424,6 +484,14 @@ class Store:
         # Children of objects the sweeper will count or delete (see _parent_refs).
         self._refs: dict[bytes, list[bytes]] = {}
         self._refs_items = 0
+        self._logsum = _LogSum()
+        # How long the last write transaction held the write lock, its commit included
+        # (what kept every other writer waiting: the sweeper's pacing rests in proportion).
+        self.held_s = 0.0
+        # Objects this process's sweeper saw counted (applied count >= 1), so that it need
+        # not look up every child of what it deletes: see _sweep_locked.
+        self._counted: set[bytes] = set()
+        self._counted_epoch = -1  # meta ``sweeps`` when it was last right
         # The write transaction in progress (LMDB allows one per environment) and the
         # fresh records it appended: they are not committed, so never in ``_fresh``.
         self._wtxn: lmdb.Transaction | None = None
@@ -511,12 +579,7 @@ class Store:
         """
         while True:
             try:
-                with self.env.begin(write=True) as txn:
-                    self._wtxn, self._own, self._own_from = txn, {}, None
-                    try:
-                        return fn(txn)
-                    finally:
-                        self._wtxn, self._own, self._own_from = None, {}, None
+                return self._write_once(fn)
             except lmdb.MapFullError:
                 self._grow()
             except lmdb.Error as exc:
@@ -528,6 +591,20 @@ class Store:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise NoSpace(f"{what}: no space left on the store's device") from exc
                 raise
+
+    def _write_once(self, fn: Callable[[lmdb.Transaction], Any]) -> Any:
+        start = 0.0
+        try:
+            with self.env.begin(write=True) as txn:
+                start = time.perf_counter()
+                self._wtxn, self._own, self._own_from = txn, {}, None
+                try:
+                    return fn(txn)
+                finally:
+                    self._wtxn, self._own, self._own_from = None, {}, None
+        finally:
+            if start:
+                self.held_s = time.perf_counter() - start
 
     def _device_full(self) -> bool:
         try:
@@ -784,19 +861,22 @@ class Store:
     def _logged(self, txn: lmdb.Transaction, *, cached: bool = True
                 ) -> Iterator[tuple[bytes, list[bytes]]]:
         """(key, child oids to count +1) of each record of the increment log, oldest first.
-        A parent record's parents are decoded: they stay stored at least until it is
-        applied (every sweep applies the whole log before it deletes anything).
+        A parent record's parents are decoded: they stay stored as long as it lists them.
         ``cached=False`` (fsck) reads every parent again instead of trusting ``_refs``."""
         for key, raw in txn.cursor(db=self.db["pending"]):
-            if len(raw) % 32 == 0:  # child oids (a parent record has one byte more)
-                yield key, [raw[i:i + 32] for i in range(0, len(raw), 32)]
-                continue
-            if raw[:1] != _PARENTS or len(raw) % 32 != 1:
-                raise Corrupt(f"unreadable reference log record {key.hex()}")
-            children: list[bytes] = []
-            for i in range(1, len(raw), 32):
-                children += self._parent_refs(txn, raw[i:i + 32], cached)
-            yield key, children
+            _, refs = self._record_refs(txn, key, raw, cached)
+            yield key, [child for children in refs for child in children]
+
+    def _record_refs(self, txn: lmdb.Transaction, key: bytes, raw: bytes, cached: bool = True
+                     ) -> tuple[list[bytes], list[list[bytes]]]:
+        """A log record -> (its parents, the children of each); a record of child oids
+        -> ([], [those children])."""
+        if len(raw) % 32 == 0:  # child oids (a parent record has one byte more)
+            return [], [[raw[i:i + 32] for i in range(0, len(raw), 32)]]
+        if raw[:1] != _PARENTS or len(raw) % 32 != 1:
+            raise Corrupt(f"unreadable reference log record {key.hex()}")
+        parents = [raw[i:i + 32] for i in range(1, len(raw), 32)]
+        return parents, [self._parent_refs(txn, parent, cached) for parent in parents]
 
     def _parent_refs(self, txn: lmdb.Transaction, parent: bytes,
                      cached: bool = True) -> list[bytes]:
@@ -827,9 +907,8 @@ class Store:
         """Read the children of what the next sweep transaction needs (the logged parents,
         the first ``batch`` queued objects) in a read transaction, so that the write
         transaction, which holds up every commit, mostly just counts."""
-        with self.env.begin() as txn:
-            for _ in self._logged(txn):
-                pass
+        with self.env.begin() as txn, self._logsum.lock:
+            self._logsum.sync(self, txn)
             for n, oid in enumerate(txn.cursor(db=self.db["zero"]).iternext(values=False)):
                 if n >= batch:
                     break
@@ -1145,15 +1224,16 @@ class Store:
 
     # -- garbage collection ---------------------------------------------------------------
 
-    def sweep(self, batch: int = 2000,
-              between: Callable[[], None] | None = None) -> tuple[int, int]:
+    def sweep(self, batch: int = 2000, between: Callable[[], None] | None = None,
+              keep: int = LOG_KEEP) -> tuple[int, int]:
         """Delete unreferenced objects no in-flight session can need; returns (n, bytes).
 
-        Works in transactions of up to ``batch`` deletions, each of which applies the whole
-        increment log (``_sweep_batch``); a background sweeper passes a ``between`` hook
-        (which paces it between commands) so commits never wait long for the write lock.
-        Then, once ``FRESH_MERGE`` fresh records have piled up, it merges them into
-        ``slots`` (after the deletions: the dead entries need no merging).
+        Works in transactions of up to ``batch`` deletions (``_sweep_batch``), which leave
+        the newest ``keep`` parent records of the increment log unapplied (0: apply it all,
+        as an explicit ``gc`` does); a background sweeper passes a ``between`` hook (which
+        paces it between commands) so commits never wait long for the write lock. Then,
+        once ``FRESH_MERGE`` fresh records have piled up, it merges them into ``slots``
+        (after the deletions: the dead entries need no merging).
         """
         while self.write(self._drain_backlog, "apply references"):
             if between:
@@ -1161,7 +1241,8 @@ class Store:
         total_n = total_bytes = 0
         while True:
             self._prefetch(batch)
-            n, nbytes, more = self.write(lambda txn: self._sweep_batch(txn, batch), "gc sweep")
+            n, nbytes, more = self.write(lambda txn: self._sweep_batch(txn, batch, keep),
+                                         "gc sweep")
             total_n += n
             total_bytes += nbytes
             if not more:
@@ -1174,26 +1255,53 @@ class Store:
             self.merge_fresh(FRESH_MERGE, between)
         return total_n, total_bytes
 
-    def _sweep_batch(self, txn: lmdb.Transaction, batch: int) -> tuple[int, int, bool]:
-        """Apply the whole increment log and delete up to ``batch`` unreferenced objects,
-        netted in memory first; returns (objects gone, bytes freed, more to do).
+    def _sweep_batch(self, txn: lmdb.Transaction, batch: int,
+                     keep: int = LOG_KEEP) -> tuple[int, int, bool]:
+        """Delete up to ``batch`` unreferenced objects, settling the increment log with
+        them; returns (objects gone, bytes freed, more to do).
 
-        An object's true count is its applied count plus its logged increments. Deleting an
-        object takes one from each of its children, and a child left at zero goes in the
-        same transaction (queued instead while a session is in flight: it may be reusing
-        it). Counts are written once, at the end, and only where they changed. A commit
-        pruned before its log record was applied adds and removes the same edges, so its
-        objects go without one count of its directories' unchanged entries being written:
-        in a search loop that is most commits, and applying and then undoing those edges
-        had cost more than the search itself, so the sweeper fell behind under load.
+        An object's true count is its applied count plus its logged increments (``_LogSum``).
+        Deleting an object takes one from each of its children, and a child left at zero
+        goes in the same transaction (queued instead while a session is in flight: it may be
+        reusing it). A deleted object that a parent record still lists is struck from it:
+        the record's increments for its children and the deletion's decrements cancel, so
+        nothing is written for them. So the log is not applied as it comes: the newest
+        ``keep`` parent records stay, and in a search loop most commits are pruned while
+        theirs is there, so their objects go without one count of their directories'
+        unchanged entries being written (applying those edges and undoing them later had
+        cost more than the search itself, and the sweeper fell behind under load). Older
+        parent records, and records of child ids (imports), are applied; counts are written
+        once, at the end, and only where they changed.
         """
-        zero = self.db["zero"]
-        delta: dict[bytes, int] = {}
-        records = []
-        for key, children in self._logged(txn):
-            records.append(key)
-            for child in children:
-                delta[child] = delta.get(child, 0) + 1
+        with self._logsum.lock:
+            return self._sweep_locked(txn, batch, keep)
+
+    def _sweep_locked(self, txn: lmdb.Transaction, batch: int,
+                      keep: int) -> tuple[int, int, bool]:
+        """``_sweep_batch``, holding the log's sum.
+
+        Whether a child of a deleted object is left at zero needs its applied count, and
+        looking up every child (~1,800 per kernel-tree commit) was most of a sweep. A child
+        still counted by the log is not at zero; nor is one whose applied count is known to
+        be >= 1 when the deletion took nothing from it beyond what the log gave (``_counted``).
+        That knowledge can only go stale by a count reaching zero elsewhere, and whatever
+        brings a count to zero queues the object (``_decref``, the sweep itself), so a stale
+        entry delays nothing; it is forgotten when this sweeper reads or writes a zero, when
+        the object goes, and entirely when another process has swept or repaired the store
+        (meta ``sweeps``), since it may have deleted objects that are stored again since.
+        """
+        zero, pending, counts = self.db["zero"], self.db["pending"], self.db["counts"]
+        logsum = self._logsum
+        logsum.sync(self, txn)
+        logged = logsum.delta
+        epoch = self._meta_int(txn, b"sweeps")
+        if epoch != self._counted_epoch or len(self._counted) > COUNTED_MAX:
+            self._counted.clear()
+        counted = self._counted
+        local: dict[bytes, int] = {}  # decrements by this transaction's deletions
+        written: dict[bytes, int] = {}  # changes to applied counts, written at the end
+        struck: dict[bytes, set[bytes]] = {}  # record key -> its parents deleted here
+        at_zero: set[bytes] = set()  # children this transaction left unreferenced
         applied: dict[bytes, tuple[bytes, int]] = {}  # oid -> (slot, applied count)
 
         def count(oid: bytes) -> tuple[bytes, int]:
@@ -1203,8 +1311,18 @@ class Store:
                 if slot is None:
                     raise Corrupt(f"reference to missing object {oid.hex()}")
                 got = applied[oid] = (slot, self._count_at(txn, slot))
+                if got[1]:
+                    counted.add(oid)
+                else:
+                    counted.discard(oid)
             return got
 
+        # Records of child ids are applied now, so a deletion below finds all references of
+        # an object that no parent record lists counted (or being counted) in ``written``.
+        settle = [key for key, (_, parents, _) in logsum.records.items() if not parents]
+        for key in settle:
+            for child in logsum.records[key][2][0]:
+                written[child] = written.get(child, 0) + 1
         oldest = self._oldest_live_session(txn)
         stack = []
         for oid, raw in txn.cursor(db=zero):
@@ -1225,14 +1343,14 @@ class Store:
                 txn.delete(oid, db=zero)
                 gone.add(oid)
                 continue
-            if count(oid)[1] + delta.get(oid, 0):
+            if count(oid)[1] + logged.get(oid, 0) + local.get(oid, 0):
                 txn.delete(oid, db=zero)  # referenced after all
                 continue
             gone.add(oid)
             raw = txn.get(slot, db=self.db["data"])
             txn.delete(oid, db=zero)
             txn.delete(oid, db=self.db["slots"])  # a fresh entry is dead once its count goes
-            txn.delete(slot, db=self.db["counts"])
+            txn.delete(slot, db=counts)
             if raw is None:
                 continue
             txn.delete(slot, db=self.db["data"])
@@ -1242,31 +1360,78 @@ class Store:
             if kind == KIND_CHUNK:
                 continue
             refs = self._refs.pop(oid, None)
+            record, refs = logsum.parent_of.get(oid, (None, refs))
+            if record is not None:
+                struck.setdefault(record, set()).add(oid)
             for child in self.children_of(kind, payload) if refs is None else refs:
-                left = delta[child] = delta.get(child, 0) - 1
-                left += count(child)[1]
+                extra = local[child] = local.get(child, 0) - 1
+                if record is None:  # its references were applied: take them back
+                    written[child] = written.get(child, 0) - 1
+                extra += logged.get(child, 0)
+                if extra > 0 or (not extra and child in counted):
+                    continue  # still counted: by the log, or by its applied count
+                left = count(child)[1] + extra
                 if left < 0:
                     raise Corrupt(f"reference count underflow on object {child.hex()}")
-                if left == 0 and oldest is None:
-                    stack.append(child)
+                if left == 0:
+                    at_zero.add(child)
+                    if oldest is None:
+                        stack.append(child)
         more = more or bool(stack)
+        # Parent records beyond the newest ``keep`` are applied (what their deleted parents
+        # counted excepted), about DRAIN_LIMIT increments per transaction, once nothing is
+        # left to delete: while there is, many of them are a pruned commit's, which a later
+        # transaction of this sweep cancels for much less.
+        kept = sorted(key for key, (_, parents, _) in logsum.records.items()
+                      if parents and len(struck.get(key, ())) < len(parents))
+        budget = DRAIN_LIMIT
+        for key in kept[:max(0, len(kept) - keep) if not more else 0]:
+            if budget <= 0:
+                more = True
+                break
+            _, parents, refs = logsum.records[key]
+            out = struck.pop(key, ())
+            for parent, children in zip(parents, refs, strict=True):
+                if parent in out:
+                    continue
+                budget -= len(children)
+                for child in children:
+                    written[child] = written.get(child, 0) + 1
+            settle.append(key)
+        for key in settle:
+            txn.delete(key, db=pending)
+        for key, out in struck.items():
+            left_parents = [p for p in logsum.records[key][1] if p not in out]
+            if left_parents:
+                txn.put(key, _PARENTS + b"".join(left_parents), db=pending)
+            else:
+                txn.delete(key, db=pending)
         gen = self._meta_int(txn, b"gen")
-        for oid, d in delta.items():
-            if oid in gone:
+        for oid, d in written.items():
+            if not d or oid in gone:
                 continue
             slot, have = count(oid)
-            if d:
-                txn.put(slot, _U64.pack(have + d), db=self.db["counts"])
-            if have + d == 0 and txn.get(oid, db=zero) is None:
+            if have + d < 0:
+                raise Corrupt(f"reference count underflow on object {oid.hex()}")
+            txn.put(slot, _U64.pack(have + d), db=counts)
+            if have + d:
+                counted.add(oid)
+            else:
+                counted.discard(oid)
+            if have == 0:
+                txn.delete(oid, db=zero)  # counted now (if it was queued)
+        for oid in at_zero - gone:
+            if txn.get(oid, db=zero) is None:
                 txn.put(oid, _U64.pack(gen), db=zero)
-            elif have + d and not have:
-                txn.delete(oid, db=zero)
-        for key in records:
-            txn.delete(key, db=self.db["pending"])
+        counted.difference_update(gone)
         if gone:
             self._set_meta_int(txn, b"objects", self._meta_int(txn, b"objects") - freed)
             self._set_meta_int(txn, b"stored_bytes",
                                self._meta_int(txn, b"stored_bytes") - nbytes)
+        # If this transaction does not commit, the next one finds ``sweeps`` unchanged and
+        # starts ``_counted`` afresh.
+        self._set_meta_int(txn, b"sweeps", epoch + 1)
+        self._counted_epoch = epoch + 1
         return len(gone), nbytes, more
 
     def garbage(self) -> int:
@@ -1395,6 +1560,7 @@ class Store:
         reported until ``import --rehash`` of its content stores it again. Unreachable data
         is deleted."""
         gen = self._meta_int(txn, b"gen")
+        self._set_meta_int(txn, b"sweeps", self._meta_int(txn, b"sweeps") + 1)  # see _counted
         for rec in snaps:
             rec.pins = pins.get(rec.id, 0)
             if rec.refs == 0 and rec.pins == 0:

@@ -8,6 +8,8 @@ a directory touches only its own path, and increments are applied in bulk.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lmdb
@@ -100,7 +102,7 @@ def test_commit_logs_increments_and_drain_applies_them(store: Store, tmp_path: P
     assert len(new_parts) > 2 and len(shared) == len(new_parts) - 1
     assert store.refcount(shared[0]) == 2  # both big/ indexes point at it (one logged)
     assert store.check() == []
-    store.sweep()  # applies the log
+    store.sweep(keep=0)  # applies the log
     with store.env.begin() as txn:
         assert txn.stat(store.db["pending"])["entries"] == 0
     assert store.refcount(shared[0]) == 2
@@ -291,3 +293,86 @@ def test_store_cannot_open_while_compacting(store_dir: Path) -> None:
     finally:
         os.close(fd)
     tree.open_store(store_dir).close()
+
+
+def _pending(store: Store) -> list[bytes]:
+    with store.read() as txn:
+        return [raw for _, raw in txn.cursor(db=store.db["pending"])]
+
+
+def _applied(store: Store) -> dict[bytes, bytes]:
+    with store.read() as txn:
+        return dict(txn.cursor(db=store.db["counts"]))
+
+
+def test_a_sweep_cancels_a_pruned_commits_record_and_keeps_the_newest(
+        store: Store, tmp_path: Path) -> None:
+    """A commit pruned while its parent record is in the log goes without one count written:
+    its deletion strikes its directories from the record (the rest of a record stays). The
+    newest ``keep`` records stay unapplied, older ones are applied, and counts (applied +
+    logged) stay exact throughout."""
+    files = {f"a/b/f{j}": os.urandom(300) for j in range(30)}
+    files.update({f"c/g{j}": os.urandom(200) for j in range(20)})
+    base = tree.import_dir(store, _tree(tmp_path / "src", files)).root
+    store.sweep(keep=0)
+    before, stats = _applied(store), store.stats()
+    reader = tree.Reader(store, keep_payloads=True)
+    one = commit_upper(store, reader, base, _tree(tmp_path / "u1", {"c/g2": b"one"}))
+    two = commit_upper(store, reader, one, _tree(tmp_path / "u2", {"a/b/f3": b"two"}))
+    three = commit_upper(store, reader, base, _tree(tmp_path / "u3", {"a/b/f4": b"three"}))
+    assert len(_pending(store)) == 3
+    store.release(one)  # its root goes; its c/ stays, two's root refers to it
+    store.sweep(keep=8)
+    assert not store.exists(one) and store.check() == []
+    assert len(_pending(store)) == 3 and len(_pending(store)[0]) == 1 + 32  # c/ is left
+    assert {k: v for k, v in _applied(store).items() if k in before} == before  # no writes
+    store.release(two)
+    store.sweep(keep=8)
+    assert len(_pending(store)) == 1  # one's and two's records cancelled whole
+    assert {k: v for k, v in _applied(store).items() if k in before} == before
+    assert store.check() == []
+    four = commit_upper(store, reader, three, _tree(tmp_path / "u4", {"c/g5": b"four"}))
+    store.sweep(keep=1)  # three's record is the older one: applied
+    assert _pending(store) == _pending(store)[-1:] and len(_pending(store)) == 1
+    assert store.check() == []
+    fresh = tree.Reader(store)
+    assert fresh.read_all(fresh.lookup(four, "a/b/f4")) == b"three"
+    for snap in (three, four):
+        store.release(snap)
+    store.sweep(keep=0)
+    assert _applied(store) == before and _pending(store) == []
+    assert (store.stats().objects, store.stats().stored_bytes) == (stats.objects,
+                                                                   stats.stored_bytes)
+    assert store.check() == []
+
+
+def test_what_another_process_swept_is_looked_up_again(store: Store, tmp_path: Path) -> None:
+    """A sweeper remembers which objects it saw counted (``Store._counted``), and forgets
+    it when another process has swept: that one may have deleted an object that is stored
+    again since, with no count applied, and trusting the old knowledge would leak it."""
+    files = {f"d/f{j}": os.urandom(300) for j in range(10)}
+    base = tree.import_dir(store, _tree(tmp_path / "src", files)).root
+    store.sweep(keep=0)
+    stats = store.stats()
+    reader = tree.Reader(store, keep_payloads=True)
+
+    def upper(name: str) -> Path:
+        root = _tree(tmp_path / name, {"d/f1": b"same bytes"})
+        for p in (root / "d" / "f1", root / "d", root):
+            os.utime(p, ns=(1_700_000_000 * 10**9,) * 2)
+        return root
+
+    one = commit_upper(store, reader, base, upper("u1"))
+    store.sweep(keep=0)  # one's record applied: its new directories and file seen counted
+    store.release(one)
+    other = ("import sys; from oppiefs import tree; "
+             "s = tree.open_store(sys.argv[1], create=False); s.sweep(keep=0); s.close()")
+    subprocess.run([sys.executable, "-c", other, str(store.path)], check=True)
+    assert not store.exists(one)
+    two = commit_upper(store, reader, base, upper("u2"))
+    assert two == one  # the same objects, stored again
+    store.release(two)
+    store.sweep()
+    assert (store.stats().objects, store.stats().stored_bytes) == (stats.objects,
+                                                                   stats.stored_bytes)
+    assert store.check() == []
