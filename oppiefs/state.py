@@ -13,9 +13,10 @@ without a mount is re-attached on the next start), drop unmounts, then removes t
 then moves the directory to a trash the background sweeper empties (a directory without a
 record, trash included, is swept on the next start).
 
-GC runs in a background thread (``run_gc``): it applies commits' logged reference
-increments and frees unreferenced objects in short transactions taken in the gaps between
-control commands, so a search loop's fork/commit latency does not carry the sweeping.
+GC runs in a background thread (``run_gc``) that paces a sweeper process (sweeper.py): it
+frees unreferenced objects and settles commits' logged reference increments in short
+transactions taken in the gaps between control commands, so a search loop's fork/commit
+latency does not carry the sweeping.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from typing import Any
 
 from . import overlay, tree
 from .errors import InvalidArgument, NotFound, OppieError
-from .store import Store
+from .store import LOG_KEEP, Store
+from .sweeper import Sweeper
 
 log = logging.getLogger("oppiefs.state")
 
@@ -44,7 +46,9 @@ GC_MAX_DEFER_S = 2.0  # ... but waits no longer than this for one
 # Objects one sweeper transaction may delete (each holds up commits while it runs; the
 # first of a sweep also nets the whole increment log: see Store._sweep_batch).
 SWEEP_BATCH = 256
-GC_DEBT = 1024  # unapplied commits (log records) at which the sweeper stops waiting for gaps
+# Unapplied commits (log records) at which the sweeper stops waiting for gaps: twice what a
+# sweep leaves in the log on purpose.
+GC_DEBT = 2 * LOG_KEEP
 GC_REST = 6.0  # ... and rests this many times as long as it worked instead
 TRASH_PREFIX = ".trash-"  # dropped node dirs waiting to be deleted (not a valid node id)
 NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -138,21 +142,19 @@ class StateManager:
                 return
             stop.wait(GC_IDLE_S / 4 if now - start < limit else 0.0005)
 
-    def _paced(self, stop: threading.Event) -> Callable[[], None]:
-        """A ``between`` hook for the sweeper. It works in quiet gaps between commands, so
-        it holds up none; a busy search loop leaves none, and once the sweeper is that far
-        behind (``GC_DEBT`` unapplied commits) it works at the first moment no command is
-        in progress instead, until this sweep is done, resting ``GC_REST`` x as long as its
-        last transaction took: it takes at most 1 / (1 + GC_REST) of the time, and the
-        store stays bounded."""
-        last = time.monotonic()
+    def _paced(self, stop: threading.Event) -> Callable[[float], None]:
+        """A ``between`` hook for the sweeper, given how long its last transaction held the
+        write lock. It works in quiet gaps between commands, so it holds up none; a busy
+        search loop leaves none, and once the sweeper is that far behind (``GC_DEBT``
+        unapplied commits) it works at the first moment no command is in progress instead,
+        until this sweep is done, resting ``GC_REST`` x as long as it held the lock: it
+        holds it at most 1 / (1 + GC_REST) of the time, and the store stays bounded."""
         behind = False
 
-        def between() -> None:
-            nonlocal last, behind
+        def between(held: float) -> None:
+            nonlocal behind
             behind = behind or self.store.backlog() >= GC_DEBT
-            self._wait_idle(stop, GC_REST * (time.monotonic() - last) if behind else None)
-            last = time.monotonic()
+            self._wait_idle(stop, GC_REST * held if behind else None)
 
         return between
 
@@ -308,20 +310,25 @@ class StateManager:
         """Background sweeper: after prunes/drops (at most once per ``gap`` seconds, so a
         busy search loop pays for one sweep per second, not one per operation) and every
         ``interval`` seconds (which also applies commits' logged references). Its
-        transactions go in the gaps between commands, paced (``_paced``)."""
-        while not stop.is_set():
-            self.gc_wanted.wait(interval)
-            self.gc_wanted.clear()
-            if stop.is_set():
-                return
-            self._wait_idle(stop)
-            self.empty_trash()
-            try:
-                n, nbytes = self.store.sweep(batch=SWEEP_BATCH, between=self._paced(stop))
-                if n:
-                    log.info("gc: freed %d objects, %d bytes", n, nbytes)
-            except OppieError as exc:
-                log.error("gc failed: %s", exc)
-            except Exception:
-                log.exception("gc crashed")
-            stop.wait(gap)
+        transactions go in the gaps between commands, paced (``_paced``); the sweeping
+        itself runs in a child process (sweeper.py), off this process's GIL."""
+        sweeper = Sweeper(self.store.path)
+        try:
+            while not stop.is_set():
+                self.gc_wanted.wait(interval)
+                self.gc_wanted.clear()
+                if stop.is_set():
+                    return
+                self._wait_idle(stop)
+                self.empty_trash()
+                try:
+                    n, nbytes = sweeper.sweep(SWEEP_BATCH, self._paced(stop), stop)
+                    if n:
+                        log.info("gc: freed %d objects, %d bytes", n, nbytes)
+                except OppieError as exc:
+                    log.error("gc failed: %s", exc)
+                except Exception:
+                    log.exception("gc crashed")
+                stop.wait(gap)
+        finally:
+            sweeper.close()

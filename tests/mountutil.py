@@ -150,13 +150,21 @@ class Daemon:
 
     def tree_server_pid(self) -> int:
         """The daemon's tree server (trees.py): the process that serves snapshot trees."""
+        pid = self.child_pid("oppiefs.trees")
+        if pid is None:
+            raise AssertionError("the daemon runs no tree server")
+        return pid
+
+    def child_pid(self, module: str) -> int | None:
+        """The daemon's child process running ``python -m <module>`` (any thread's child)."""
         assert self.proc is not None
-        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
-        for pid in map(int, children.split()):
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
             with contextlib.suppress(OSError):
-                if b"oppiefs.trees" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    return pid
-        raise AssertionError("the daemon runs no tree server")
+                for pid in map(int, (task / "children").read_text().split()):
+                    with contextlib.suppress(OSError):
+                        if module.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                            return pid
+        return None
 
     def kill(self) -> None:
         """SIGKILL the daemon, leaving its (now dead) mounts in place, like a crash."""

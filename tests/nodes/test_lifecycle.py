@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -214,6 +215,41 @@ def test_pruned_snapshot_with_live_node(mdaemon, tmp_path):
         with pytest.raises(FileNotFoundError):
             os.stat(mdaemon.mnt / "snapshots" / snap)
     fsck_clean(mdaemon.store)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_the_sweeper_is_a_child_that_comes_back_and_dies_with_the_daemon(tmp_path):
+    """The background sweeper works in a child process (sweeper.py): one that died is
+    started again for the next sweep, and a ``kill -9`` of the daemon takes it along."""
+    d = Daemon(tmp_path / "mnt", tmp_path / "store").start()
+    try:
+        with Client(d.mnt) as c:
+            pids = []
+            for seed in ("one", "two"):
+                c.prune(c.import_(make_src(tmp_path / seed, seed=seed, big=1 << 20)))
+                wait_for(lambda: stored_bytes(d.store) == 0, timeout=60,
+                         what="the pruned import freed")
+                pid = d.child_pid("oppiefs.sweeper")
+                assert pid is not None and pid not in pids
+                pids.append(pid)
+                os.kill(pid, signal.SIGKILL)
+                wait_for(lambda pid=pid: _gone(pid), what="the killed sweeper gone")
+            snap = c.import_(make_src(tmp_path / "three", seed="three"))
+            c.prune(snap)
+            wait_for(lambda: stored_bytes(d.store) == 0, timeout=60, what="freed again")
+            last = d.child_pid("oppiefs.sweeper")
+            assert last is not None
+        d.kill()
+        wait_for(lambda: _gone(last), what="the sweeper gone with the daemon")
+    finally:
+        d.stop()
+    fsck_clean(tmp_path / "store")
 
 
 # -- surviving the daemon -------------------------------------------------------------------

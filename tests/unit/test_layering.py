@@ -2,7 +2,7 @@
 
 Only fs.py, trees.py and mount.py may import pyfuse3 or trio, only store.py lmdb, only chunker.py
 pyfastcdc; and dependencies flow one way (cli -> mount -> trees -> fs -> vfs/control ->
-state -> tree/overlay -> store/chunker), so the storage core works without a mount.
+state -> sweeper/tree/overlay -> store/chunker), so the storage core works without a mount.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ BELOW = {
     "chunker": {"errors"},
     "tree": {"errors", "store", "chunker"},
     "overlay": {"errors"},
-    "state": {"errors", "store", "tree", "overlay"},
+    "sweeper": {"errors", "store", "tree"},
+    "state": {"errors", "store", "tree", "overlay", "sweeper"},
     "control": {"errors", "state"},
     "vfs": {"errors", "store", "tree"},
     "fs": {"errors", "vfs", "control", "tree", "store", "state"},

@@ -1,0 +1,137 @@
+"""The background sweeper's work, in a process of its own.
+
+The sweeper is Python, like the daemon's commands and its FUSE thread, and under one GIL
+they slowed each other down: in the daemon a sweep transaction of 256 deletions on the
+kernel tree took 25-40 ms against 8 ms alone, and every command it overlapped (the FUSE
+thread serving a node's copy-ups, a commit) waited for it. So the sweeping runs in a child
+process, on another CPU, with its own caches (which outlive a sweep: see
+``Store._sweep_locked``). The daemon keeps the pacing (``StateManager._paced``), since
+only it knows when commands are in progress: the child asks before every transaction but
+the first of a sweep. One line of JSON each way per step, as the mount helper does
+(overlay.py). The child dies with the daemon (parent death signal) or when it closes the
+pipe, and a child that died is started again for the next sweep.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from . import tree
+from .errors import OppieError
+
+log = logging.getLogger("oppiefs.sweeper")
+
+_PR_SET_PDEATHSIG = 1
+
+
+class Sweeper:
+    """The daemon's side: ``sweep`` as ``Store.sweep`` does it, in the child."""
+
+    def __init__(self, store_dir: Path) -> None:
+        self.store_dir = store_dir
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def _child(self) -> subprocess.Popen[bytes]:
+        if self._proc is None or self._proc.poll() is not None:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "oppiefs.sweeper", str(self.store_dir), str(os.getpid())],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+        return self._proc
+
+    def sweep(self, batch: int, between: Callable[[float], None],
+              stop: threading.Event) -> tuple[int, int]:
+        """Sweep in the child; ``between`` runs here before each transaction but the first,
+        given how long the last one held the write lock. Returns (objects freed, bytes
+        freed); (0, 0) when ``stop`` ended it early."""
+        with self._lock:
+            proc = self._child()
+            assert proc.stdin is not None and proc.stdout is not None
+            try:
+                self._send(proc, {"sweep": batch})
+                while True:
+                    line = proc.stdout.readline()
+                    if not line:
+                        raise OppieError("the sweeper process died")
+                    reply = json.loads(line)
+                    if "between" not in reply:
+                        break
+                    between(reply["between"])
+                    self._send(proc, {"stop": True} if stop.is_set() else {"go": True})
+            except OSError as exc:
+                raise OppieError(f"the sweeper process died: {exc}") from exc
+        if "error" in reply:
+            raise OppieError(reply["error"])
+        n, nbytes = reply.get("done", (0, 0))
+        return n, nbytes
+
+    @staticmethod
+    def _send(proc: subprocess.Popen[bytes], msg: dict[str, object]) -> None:
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps(msg).encode() + b"\n")
+        proc.stdin.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._proc is not None and self._proc.poll() is None:
+                assert self._proc.stdin is not None
+                self._proc.stdin.close()
+                try:
+                    self._proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                    self._proc.wait()
+            self._proc = None
+
+
+class _Stop(Exception):
+    """The daemon is stopping: end the sweep between two transactions."""
+
+
+def _serve(store_dir: str, daemon_pid: int) -> None:
+    """The child's loop (``python -m oppiefs.sweeper STORE PID``): a request on stdin,
+    questions and the result on stdout. Ctrl-C and SIGTERM are the daemon's to handle."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # never sweep on for a dead daemon
+    if os.getppid() != daemon_pid:
+        return  # it died before we asked
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.nice(19)  # the CPU is for commands first; the sweeper has what they leave
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    inbox, outbox = sys.stdin.buffer, sys.stdout.buffer
+
+    def send(msg: dict[str, object]) -> None:
+        outbox.write(json.dumps(msg).encode() + b"\n")
+        outbox.flush()
+
+    def between() -> None:
+        send({"between": store.held_s})
+        line = inbox.readline()
+        if not line or json.loads(line).get("stop"):
+            raise _Stop
+
+    store = tree.open_store(store_dir, create=False)
+    with store:
+        for line in inbox:
+            reply: dict[str, object]
+            try:
+                n, nbytes = store.sweep(batch=json.loads(line)["sweep"], between=between)
+                reply = {"done": [n, nbytes]}
+            except _Stop:
+                reply = {"done": [0, 0]}
+            except OppieError as exc:
+                reply = {"error": str(exc)}
+            send(reply)
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1], int(sys.argv[2]))
