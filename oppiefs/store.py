@@ -1249,6 +1249,13 @@ class Store:
                 break
             if between:
                 between()
+            if self.fresh_records() >= FRESH_MAX // 2:
+                # Under a busy loop a sweep may not end for long, and at FRESH_MAX every
+                # commit would merge records itself: merge the oldest ones on the way.
+                self.write(lambda txn: self._merge_fresh(txn, FRESH_MERGE_CHUNK),
+                           "merge fresh index")
+                if between:
+                    between()
         if self.fresh_records() >= FRESH_MERGE:
             if between:
                 between()
