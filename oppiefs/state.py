@@ -43,8 +43,8 @@ log = logging.getLogger("oppiefs.state")
 GC_GAP_S = 1.0
 GC_IDLE_S = 0.02  # the sweeper works in the gaps between commands ...
 GC_MAX_DEFER_S = 2.0  # ... but waits no longer than this for one
-# Objects one sweeper transaction may delete (each holds up commits while it runs; the
-# first of a sweep also nets the whole increment log: see Store._sweep_batch).
+# Objects one sweeper transaction may delete (each holds up commits while it runs: see
+# Store._sweep_batch).
 SWEEP_BATCH = 256
 # Unapplied commits (log records) at which the sweeper stops waiting for gaps: twice what a
 # sweep leaves in the log on purpose.

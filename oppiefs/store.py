@@ -1304,6 +1304,9 @@ class Store:
         epoch = self._meta_int(txn, b"sweeps")
         if epoch != self._counted_epoch or len(self._counted) > COUNTED_MAX:
             self._counted.clear()
+        # Until this transaction has done all it does (it may raise, and roll back what
+        # ``_counted`` learns from it), the next one must start afresh.
+        self._counted_epoch = -1
         counted = self._counted
         local: dict[bytes, int] = {}  # decrements by this transaction's deletions
         written: dict[bytes, int] = {}  # changes to applied counts, written at the end
@@ -1435,8 +1438,8 @@ class Store:
             self._set_meta_int(txn, b"objects", self._meta_int(txn, b"objects") - freed)
             self._set_meta_int(txn, b"stored_bytes",
                                self._meta_int(txn, b"stored_bytes") - nbytes)
-        # If this transaction does not commit, the next one finds ``sweeps`` unchanged and
-        # starts ``_counted`` afresh.
+        # Should the commit fail, the next transaction finds ``sweeps`` unchanged and starts
+        # ``_counted`` afresh.
         self._set_meta_int(txn, b"sweeps", epoch + 1)
         self._counted_epoch = epoch + 1
         return len(gone), nbytes, more

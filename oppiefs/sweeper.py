@@ -28,8 +28,6 @@ from pathlib import Path
 from . import tree
 from .errors import OppieError
 
-log = logging.getLogger("oppiefs.sweeper")
-
 _PR_SET_PDEATHSIG = 1
 
 
