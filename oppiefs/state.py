@@ -312,7 +312,7 @@ class StateManager:
         ``interval`` seconds (which also applies commits' logged references). Its
         transactions go in the gaps between commands, paced (``_paced``); the sweeping
         itself runs in a child process (sweeper.py), off this process's GIL."""
-        sweeper = Sweeper(self.store.path)
+        sweeper = Sweeper(self.store)
         try:
             while not stop.is_set():
                 self.gc_wanted.wait(interval)

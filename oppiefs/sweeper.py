@@ -9,7 +9,8 @@ process, on another CPU, with its own caches (which outlive a sweep: see
 only it knows when commands are in progress: the child asks before every transaction but
 the first of a sweep. One line of JSON each way per step, as the mount helper does
 (overlay.py). The child dies with the daemon (parent death signal) or when it closes the
-pipe, and a child that died is started again for the next sweep.
+pipe; a child that died is started again for the next sweep, and a sweep the child cannot
+do runs in the daemon (as it did before the child).
 """
 
 from __future__ import annotations
@@ -23,50 +24,64 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 from . import tree
 from .errors import OppieError
+from .store import Store
+
+log = logging.getLogger("oppiefs.sweeper")
 
 _PR_SET_PDEATHSIG = 1
 
 
-class Sweeper:
-    """The daemon's side: ``sweep`` as ``Store.sweep`` does it, in the child."""
+class _ChildGone(Exception):
+    """The child could not be started, or died."""
 
-    def __init__(self, store_dir: Path) -> None:
-        self.store_dir = store_dir
+
+class Sweeper:
+    """The daemon's side: ``sweep`` as ``Store.sweep`` does it, in the child; in this
+    process when the child cannot run (a sweep must not wait for a working child)."""
+
+    def __init__(self, store: Store, child: list[str] | None = None) -> None:
+        """``child``: the command that runs the child (default: this module, on ``store``)."""
+        self.store = store
+        self.child = child or [sys.executable, "-m", "oppiefs.sweeper", str(store.path),
+                               str(os.getpid())]
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
 
-    def _child(self) -> subprocess.Popen[bytes]:
-        if self._proc is None or self._proc.poll() is not None:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "oppiefs.sweeper", str(self.store_dir), str(os.getpid())],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
-        return self._proc
-
     def sweep(self, batch: int, between: Callable[[float], None],
               stop: threading.Event) -> tuple[int, int]:
-        """Sweep in the child; ``between`` runs here before each transaction but the first,
-        given how long the last one held the write lock. Returns (objects freed, bytes
-        freed); (0, 0) when ``stop`` ended it early."""
+        """Sweep; ``between`` runs here before each transaction but the first, given how
+        long the last one held the write lock. Returns (objects freed, bytes freed); (0, 0)
+        when ``stop`` ended it early."""
         with self._lock:
-            proc = self._child()
-            assert proc.stdin is not None and proc.stdout is not None
             try:
-                self._send(proc, {"sweep": batch})
-                while True:
-                    line = proc.stdout.readline()
-                    if not line:
-                        raise OppieError("the sweeper process died")
-                    reply = json.loads(line)
-                    if "between" not in reply:
-                        break
-                    between(reply["between"])
-                    self._send(proc, {"stop": True} if stop.is_set() else {"go": True})
-            except OSError as exc:
-                raise OppieError(f"the sweeper process died: {exc}") from exc
+                return self._in_child(batch, between, stop)
+            except _ChildGone as exc:
+                log.error("%s: sweeping in the daemon this time", exc)
+        return self.store.sweep(batch=batch, between=lambda: between(self.store.held_s))
+
+    def _in_child(self, batch: int, between: Callable[[float], None],
+                  stop: threading.Event) -> tuple[int, int]:
+        try:
+            if self._proc is None or self._proc.poll() is not None:
+                self._proc = subprocess.Popen(self.child, stdin=subprocess.PIPE,
+                                              stdout=subprocess.PIPE, close_fds=True)
+            proc = self._proc
+            assert proc.stdin is not None and proc.stdout is not None
+            self._send(proc, {"sweep": batch})
+            while True:
+                line = proc.stdout.readline()
+                if not line:
+                    raise _ChildGone("the sweeper process died")
+                reply = json.loads(line)
+                if "between" not in reply:
+                    break
+                between(reply["between"])
+                self._send(proc, {"stop": True} if stop.is_set() else {"go": True})
+        except (OSError, ValueError) as exc:  # cannot start it, a broken pipe, garbage
+            raise _ChildGone(f"the sweeper process failed: {exc}") from exc
         if "error" in reply:
             raise OppieError(reply["error"])
         n, nbytes = reply.get("done", (0, 0))

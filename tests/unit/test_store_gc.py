@@ -11,6 +11,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import lmdb
@@ -19,6 +20,7 @@ import pytest
 from oppiefs import overlay, tree
 from oppiefs.errors import Busy, NotFound, Unsupported
 from oppiefs.store import FORMAT, KIND_CHUNK, Store, _lock_use, compact
+from oppiefs.sweeper import Sweeper
 from tests.treeutil import commit_upper
 
 
@@ -454,3 +456,38 @@ def test_random_commits_prunes_and_sweeps_keep_counts_exact(
     assert _applied(store) == before and _pending(store) == []
     assert (store.stats().objects, store.stats().stored_bytes) == (stats.objects,
                                                                    stats.stored_bytes)
+
+
+def test_the_sweeper_child_sweeps_and_asks_between_transactions(
+        store: Store, tmp_path: Path) -> None:
+    """sweeper.py's child frees what this process pruned, asking before each transaction
+    but the first (with how long the last held the lock), and ends when closed."""
+    files = {f"d{i}/f{j}": os.urandom(200) for i in range(4) for j in range(20)}
+    store.release(tree.import_dir(store, _tree(tmp_path / "src", files)).root)
+    held: list[float] = []
+    sweeper = Sweeper(store)
+    try:
+        n, nbytes = sweeper.sweep(5, held.append, threading.Event())
+        assert n == 85 and nbytes > 80 * 200  # 80 files, 4 directories and the root
+        assert held and all(0 < h < 10 for h in held)  # one question per transaction
+        child = sweeper._proc
+        assert child is not None and child.poll() is None
+    finally:
+        sweeper.close()
+    assert child.wait(10) == 0
+    assert store.stats().objects == 0 and store.check() == []
+
+
+def test_a_sweep_the_child_cannot_do_runs_here(store: Store, tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """A child that cannot run (here: exits at once) costs an error in the log, not the
+    sweep: it runs in this process."""
+    store.release(tree.import_dir(store, _tree(tmp_path / "src", {"f": b"x" * 500})).root)
+    sweeper = Sweeper(store, child=[sys.executable, "-c", "raise SystemExit(3)"])
+    try:
+        n, _ = sweeper.sweep(256, lambda held: None, threading.Event())
+        assert n == 2  # the file and the root
+    finally:
+        sweeper.close()
+    assert store.stats().objects == 0 and store.check() == []
+    assert "sweeping in the daemon this time" in caplog.text
