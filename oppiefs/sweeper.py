@@ -112,7 +112,8 @@ class _Stop(Exception):
 
 def _serve(store_dir: str, daemon_pid: int) -> None:
     """The child's loop (``python -m oppiefs.sweeper STORE PID``): a request on stdin,
-    questions and the result on stdout. Ctrl-C and SIGTERM are the daemon's to handle."""
+    questions and the result on stdout. Ctrl-C is the daemon's to handle; a SIGTERM (which
+    systemd sends every process of the unit) just ends it, as every transaction is atomic."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # never sweep on for a dead daemon
     if os.getppid() != daemon_pid:
