@@ -160,7 +160,7 @@ class Control:
             fn, args = self.parse(line)
             if not self.state.ready.wait(READY_TIMEOUT):
                 raise Busy("the daemon is still re-attaching nodes; try again")
-            with self.state.busy():
+            with self.state.busy(line.split(None, 1)[0].decode()):  # parse() checked it
                 reply = fn(*args)
         except OppieError as exc:
             return error_reply(exc)

@@ -50,6 +50,8 @@ SWEEP_BATCH = 256
 # sweep leaves in the log on purpose.
 GC_DEBT = 2 * LOG_KEEP
 GC_REST = 6.0  # ... and rests this many times as long as it worked instead
+SWEEP_MIN_BATCH = 32  # ... unless a pause fits this many deletions (a batch sized to it)
+PAUSE_EWMA = 8  # commands over which the expected pause after each kind is averaged
 TRASH_PREFIX = ".trash-"  # dropped node dirs waiting to be deleted (not a valid node id)
 NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -79,8 +81,13 @@ class StateManager:
         self.gc_wanted = threading.Event()
         # Set once recover() has re-attached the nodes; commands wait for it (control.py).
         self.ready = threading.Event()
-        self._active = 0  # commands in progress (control.py marks them with busy())
+        # Commands in progress (control.py marks them with busy()), when the last one ended
+        # and what it was, and how long the pause after each kind of command lasts (a moving
+        # average): a search loop pauses after a fork (the agent works), not after a commit.
+        self._active = 0
         self._last_active = 0.0
+        self._last_kind = ""
+        self._pause_after: dict[str, float] = {}
         # Called with a snapshot id when it leaves the listing (the mount drops its dentry).
         self.on_released: Callable[[str], None] = lambda snapshot_id: None
 
@@ -117,9 +124,15 @@ class StateManager:
             self._links = links
 
     @contextlib.contextmanager
-    def busy(self) -> Iterator[None]:
-        """Mark a command in progress: the sweeper keeps out of its way (see run_gc)."""
+    def busy(self, kind: str = "") -> Iterator[None]:
+        """Mark a command (``kind``: its name) in progress: the sweeper keeps out of its way
+        (see run_gc)."""
         with self._lock:
+            if not self._active and self._last_kind:
+                pause = time.monotonic() - self._last_active
+                seen = self._pause_after.get(self._last_kind)
+                self._pause_after[self._last_kind] = (
+                    pause if seen is None else seen + (pause - seen) / PAUSE_EWMA)
             self._active += 1
         try:
             yield
@@ -127,34 +140,53 @@ class StateManager:
             with self._lock:
                 self._active -= 1
                 self._last_active = time.monotonic()
+                self._last_kind = kind
 
-    def _wait_idle(self, stop: threading.Event, rest: float | None = None) -> None:
+    def _wait_idle(self, stop: threading.Event, rest: float | None = None,
+                   need: float | None = None) -> float | None:
         """Wait for a pause in the command stream: ``GC_IDLE_S`` without a command, or
         after ``rest`` seconds the first moment no command is in progress (a busy search
         loop leaves no quiet gaps); at most GC_MAX_DEFER_S, so that the sweeper makes
-        progress however busy the commands keep it."""
+        progress however busy the commands keep it. With ``need``, also before ``rest``
+        a moment no command is in progress in a pause expected (by the kind of command that
+        began it) to last ``need`` seconds more: returns how long, then (else None)."""
         start = time.monotonic()
         limit = GC_MAX_DEFER_S if rest is None else min(rest, GC_MAX_DEFER_S)
         while not stop.is_set():
             now = time.monotonic()
             quiet = now - self._last_active >= GC_IDLE_S or now - start >= limit
             if now - start >= GC_MAX_DEFER_S or (quiet and not self._active):
-                return
-            stop.wait(GC_IDLE_S / 4 if now - start < limit else 0.0005)
+                return None
+            if need is not None and not self._active:
+                ahead = self._pause_after.get(self._last_kind, 0.0) - (now - self._last_active)
+                if ahead >= need:
+                    return ahead
+            stop.wait(GC_IDLE_S / 4 if now - start < limit and need is None else 0.0005)
+        return None
 
-    def _paced(self, stop: threading.Event) -> Callable[[float], None]:
+    def _paced(self, stop: threading.Event) -> Callable[[float], int | None]:
         """A ``between`` hook for the sweeper, given how long its last transaction held the
-        write lock. It works in quiet gaps between commands, so it holds up none; a busy
-        search loop leaves none, and once the sweeper is that far behind (``GC_DEBT``
-        unapplied commits) it works at the first moment no command is in progress instead,
-        until this sweep is done, resting ``GC_REST`` x as long as it held the lock: it
-        holds it at most 1 / (1 + GC_REST) of the time, and the store stays bounded."""
+        write lock; answers the next transaction's batch. It works in quiet gaps between
+        commands, so it holds up none; a busy search loop leaves none, and once the
+        sweeper is that far behind (``GC_DEBT`` unapplied commits) it works instead in a
+        pause that fits at least ``SWEEP_MIN_BATCH`` deletions, sized to the pause (taking
+        the lock just before the next command arrives makes it wait for the whole
+        transaction), and after resting ``GC_REST`` x as long as it held the lock at the
+        first moment no command is in progress: it holds the lock at most 1 / (1 + GC_REST)
+        of the time outside such pauses, and the store stays bounded."""
         behind = False
+        batch = SWEEP_BATCH  # what the last transaction was asked to delete
 
-        def between(held: float) -> None:
-            nonlocal behind
+        def between(held: float) -> int | None:
+            nonlocal behind, batch
             behind = behind or self.store.backlog() >= GC_DEBT
-            self._wait_idle(stop, GC_REST * held if behind else None)
+            if not behind:
+                self._wait_idle(stop)
+                return None
+            cost = held / batch  # per deletion, the commit's share included: an overestimate
+            ahead = self._wait_idle(stop, GC_REST * held, cost * SWEEP_MIN_BATCH)
+            batch = SWEEP_BATCH if ahead is None else min(SWEEP_BATCH, int(ahead / cost))
+            return batch
 
         return between
 

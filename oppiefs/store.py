@@ -68,6 +68,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -771,7 +772,8 @@ class Store:
         with self.env.begin() as txn:
             return int(txn.stat(self.db["fresh"])["entries"])
 
-    def merge_fresh(self, at_least: int = 1, between: Callable[[], None] | None = None) -> int:
+    def merge_fresh(self, at_least: int = 1,
+                    between: Callable[[], object] | None = None) -> int:
         """Merge the fresh records there are now into ``slots`` if there are ``at_least``
         of them, in transactions of ``FRESH_MERGE_CHUNK`` records (``between`` runs
         between two); returns how many ids moved."""
@@ -1224,14 +1226,15 @@ class Store:
 
     # -- garbage collection ---------------------------------------------------------------
 
-    def sweep(self, batch: int = 2000, between: Callable[[], None] | None = None,
+    def sweep(self, batch: int = 2000, between: Callable[[], int | None] | None = None,
               keep: int = LOG_KEEP) -> tuple[int, int]:
         """Delete unreferenced objects no in-flight session can need; returns (n, bytes).
 
         Works in transactions of up to ``batch`` deletions (``_sweep_batch``), which leave
         the newest ``keep`` parent records of the increment log unapplied (0: apply it all,
         as an explicit ``gc`` does); a background sweeper passes a ``between`` hook (which
-        paces it between commands) so commits never wait long for the write lock. Then,
+        paces it between commands, and may answer the next transaction's batch) so commits
+        never wait long for the write lock. Then,
         once ``FRESH_MERGE`` fresh records have piled up, it merges them into ``slots``
         (after the deletions: the dead entries need no merging).
         """
@@ -1241,14 +1244,14 @@ class Store:
         total_n = total_bytes = 0
         while True:
             self._prefetch(batch)
-            n, nbytes, more = self.write(lambda txn: self._sweep_batch(txn, batch, keep),
-                                         "gc sweep")
+            n, nbytes, more = self.write(
+                functools.partial(self._sweep_batch, batch=batch, keep=keep), "gc sweep")
             total_n += n
             total_bytes += nbytes
             if not more:
                 break
             if between:
-                between()
+                batch = between() or batch
             if self.fresh_records() >= FRESH_MAX // 2:
                 # Under a busy loop a sweep may not end for long, and at FRESH_MAX every
                 # commit would merge records itself: merge the oldest ones on the way.

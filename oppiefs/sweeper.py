@@ -50,11 +50,11 @@ class Sweeper:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
 
-    def sweep(self, batch: int, between: Callable[[float], None],
+    def sweep(self, batch: int, between: Callable[[float], int | None],
               stop: threading.Event) -> tuple[int, int]:
         """Sweep; ``between`` runs here before each transaction but the first, given how
-        long the last one held the write lock. Returns (objects freed, bytes freed); (0, 0)
-        when ``stop`` ended it early."""
+        long the last one held the write lock, and may answer the next one's batch. Returns
+        (objects freed, bytes freed); (0, 0) when ``stop`` ended it early."""
         with self._lock:
             try:
                 return self._in_child(batch, between, stop)
@@ -62,7 +62,7 @@ class Sweeper:
                 log.error("%s: sweeping in the daemon this time", exc)
         return self.store.sweep(batch=batch, between=lambda: between(self.store.held_s))
 
-    def _in_child(self, batch: int, between: Callable[[float], None],
+    def _in_child(self, batch: int, between: Callable[[float], int | None],
                   stop: threading.Event) -> tuple[int, int]:
         try:
             if self._proc is None or self._proc.poll() is not None:
@@ -78,8 +78,8 @@ class Sweeper:
                 reply = json.loads(line)
                 if "between" not in reply:
                     break
-                between(reply["between"])
-                self._send(proc, {"stop": True} if stop.is_set() else {"go": True})
+                nxt = between(reply["between"])
+                self._send(proc, {"stop": True} if stop.is_set() else {"batch": nxt})
         except (OSError, ValueError) as exc:  # cannot start it, a broken pipe, garbage
             raise _ChildGone(f"the sweeper process failed: {exc}") from exc
         if "error" in reply:
@@ -127,11 +127,13 @@ def _serve(store_dir: str, daemon_pid: int) -> None:
         outbox.write(json.dumps(msg).encode() + b"\n")
         outbox.flush()
 
-    def between() -> None:
+    def between() -> int | None:
         send({"between": store.held_s})
         line = inbox.readline()
-        if not line or json.loads(line).get("stop"):
+        answer = json.loads(line) if line else {"stop": True}
+        if answer.get("stop"):
             raise _Stop
+        return answer.get("batch")
 
     store = tree.open_store(store_dir, create=False)
     with store:
