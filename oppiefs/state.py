@@ -183,7 +183,8 @@ class StateManager:
             if not behind:
                 self._wait_idle(stop)
                 return None
-            cost = held / batch  # per deletion, the commit's share included: an overestimate
+            # Per deletion, the commit's share included: an overestimate (and never zero).
+            cost = max(held, 1e-6) / batch
             ahead = self._wait_idle(stop, GC_REST * held, cost * SWEEP_MIN_BATCH)
             batch = SWEEP_BATCH if ahead is None else min(SWEEP_BATCH, int(ahead / cost))
             return batch

@@ -120,10 +120,10 @@ FRESH_MAX = 1024  # fresh records a commit may find before it merges some itself
 # Records merged per transaction: a merge holds the write lock, and a commit waiting for it
 # waits for every random insert it makes (256 records at once stalled a commit 180 ms).
 FRESH_MERGE_CHUNK = 16
-# Logged increments applied per transaction when the log is too long for a sweep to net
-# (summed per object first; about two kernel-tree commits): a drain holds up a commit for
-# a few milliseconds at most. Under sustained load the daemon paces the sweeper instead
-# (state.py), so the log cannot grow without bound.
+# Logged increments applied per transaction, by a drain of a log longer than SWEEP_LOG_MAX
+# or by a sweep applying its older records (summed per object first; about two kernel-tree
+# commits): either holds up a commit for a few milliseconds at most. Under sustained load
+# the daemon paces the sweeper (state.py), so the log cannot grow without bound.
 DRAIN_LIMIT = 4096
 # Parent records a sweep leaves in the log, newest first: a commit pruned while its record
 # is there costs no count writes (its deletion cancels the record: see _sweep_batch), and in
@@ -952,8 +952,8 @@ class Store:
 
     def _drain_backlog(self, txn: lmdb.Transaction) -> bool:
         """Apply the oldest logged increments while the log holds more than
-        ``SWEEP_LOG_MAX`` records (after a burst of commits): a sweep nets what is left
-        against its deletions, in one transaction. True while there is more to apply."""
+        ``SWEEP_LOG_MAX`` records (the sweeper was held up): a sweep holds what is left
+        summed in memory (``_LogSum``). True while there is more to apply."""
         pending = self.db["pending"]
         if txn.stat(pending)["entries"] <= SWEEP_LOG_MAX:
             return False
@@ -1234,13 +1234,13 @@ class Store:
         the newest ``keep`` parent records of the increment log unapplied (0: apply it all,
         as an explicit ``gc`` does); a background sweeper passes a ``between`` hook (which
         paces it between commands, and may answer the next transaction's batch) so commits
-        never wait long for the write lock. Then,
-        once ``FRESH_MERGE`` fresh records have piled up, it merges them into ``slots``
-        (after the deletions: the dead entries need no merging).
+        never wait long for the write lock. Then, once ``FRESH_MERGE`` fresh records have
+        piled up, it merges them into ``slots`` (after the deletions: the dead entries need
+        no merging).
         """
         while self.write(self._drain_backlog, "apply references"):
             if between:
-                between()
+                batch = between() or batch
         total_n = total_bytes = 0
         while True:
             self._prefetch(batch)
@@ -1258,7 +1258,7 @@ class Store:
                 self.write(lambda txn: self._merge_fresh(txn, FRESH_MERGE_CHUNK),
                            "merge fresh index")
                 if between:
-                    between()
+                    batch = between() or batch
         if self.fresh_records() >= FRESH_MERGE:
             if between:
                 between()
@@ -1344,7 +1344,7 @@ class Store:
                 if len(stack) >= batch:
                     break
         more = len(stack) >= batch
-        stack.reverse()  # oldest ids first
+        stack.reverse()  # popped in key order
         gone: set[bytes] = set()
         nbytes = freed = 0
         while stack and len(gone) < batch:
