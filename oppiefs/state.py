@@ -326,27 +326,39 @@ class StateManager:
         self.ready.set()
         return problems
 
-    def empty_trash(self) -> None:
+    def empty_trash(self, stop: threading.Event | None = None) -> None:
         """Delete dropped nodes' dirs, in a child process (``rm -rf`` at nice 19).
 
         Deleting them here, about 50 dropped nodes a second in a search loop, held this
         process's GIL in bursts that the commands in progress waited for: every op's P95
-        rose 10-20% (bench/RESULTS.md). If ``rm`` cannot run, they are deleted here.
+        rose 10-25% (bench/RESULTS.md). If ``rm`` cannot run, they are deleted here. Once
+        ``stop`` is set (the daemon is stopping), the child is ended and no other started,
+        so nothing deletes in the store after the daemon exits; the next start deletes
+        what is left (a node dir without a record).
         """
         dirs = sorted(str(d) for d in self.node_root.glob(f"{TRASH_PREFIX}*"))
         for i in range(0, len(dirs), TRASH_BATCH):
+            if stop is not None and stop.is_set():
+                return
             batch = dirs[i:i + TRASH_BATCH]
             try:
-                res = subprocess.run(["nice", "-n", "19", "rm", "-rf", "--", *batch],
-                                     stdin=subprocess.DEVNULL, capture_output=True)
+                proc = subprocess.Popen(["nice", "-n", "19", "rm", "-rf", "--", *batch],
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE)
             except OSError as exc:
                 log.warning("cannot run rm (%s): deleting dropped node dirs in the daemon", exc)
                 for d in batch:
                     shutil.rmtree(d, ignore_errors=True)
                 continue
-            if res.returncode:
-                log.warning("deleting dropped node dirs: %s",
-                            res.stderr.decode(errors="replace").strip())
+            while True:
+                try:
+                    _, err = proc.communicate(timeout=0.1)
+                    break
+                except subprocess.TimeoutExpired:
+                    if stop is not None and stop.is_set():
+                        proc.terminate()
+            if proc.returncode and not (stop is not None and stop.is_set()):
+                log.warning("deleting dropped node dirs: %s", err.decode(errors="replace").strip())
 
     def detach_all(self) -> None:
         """Unmount every node overlay (lazily): on shutdown, before the FUSE mount goes."""
@@ -373,7 +385,7 @@ class StateManager:
                 if stop.is_set():
                     return
                 self._wait_idle(stop)
-                self.empty_trash()
+                self.empty_trash(stop)
                 try:
                     n, nbytes = sweeper.sweep(SWEEP_BATCH, self._paced(stop), stop)
                     if n:

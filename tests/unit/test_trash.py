@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,3 +78,30 @@ def test_trash_without_rm_is_deleted_here(manager: StateManager, monkeypatch: py
     assert not any(d.exists() for d in trash)
     assert live.is_dir()
     assert "cannot run rm" in caplog.text
+
+
+def test_trash_not_touched_once_stopping(manager: StateManager) -> None:
+    trash, _ = _fill_trash(manager)
+    stop = threading.Event()
+    stop.set()
+    manager.empty_trash(stop)
+    assert all(d.is_dir() for d in trash)  # left for the next start
+
+
+def test_stopping_ends_the_child(manager: StateManager, monkeypatch: pytest.MonkeyPatch,
+                                 tmp_path: Path) -> None:
+    """The daemon stops while ``rm`` runs: the child is ended, not left deleting in the
+    store after the daemon exits (and not waited for until it is done)."""
+    _fill_trash(manager)
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "nice").write_text("#!/bin/sh\nexec sleep 60\n")  # an rm that takes long
+    (shim / "nice").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shim}:{os.environ['PATH']}")
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    start = time.monotonic()
+    manager.empty_trash(stop)
+    assert time.monotonic() - start < 5
+    out = subprocess.run(["pgrep", "-f", "^sleep 60$"], capture_output=True, text=True)
+    assert not out.stdout.strip(), "the deleting child outlived the stop"
