@@ -4,8 +4,9 @@ bench/mcts.py times single operations; this one runs the same loop (fork a live 
 edit 1-10 files, commit, drop, prune an older one once 6 are live) back to back through a
 real mount for ``--iters`` iterations and samples the store (`status`) as it goes. Only 6
 snapshots are ever live, so a sweeper that keeps up holds the store near its size after
-the import; one that never gets a gap lets it grow by every commit's new objects. After
-the loop it waits ``--idle`` seconds and samples once more (the catch-up).
+the import; one that never gets a gap lets it grow by every commit's new objects. It also
+counts dropped nodes' dirs not yet deleted (the trash). After the loop it waits ``--idle``
+seconds and samples once more (the catch-up).
 
     .venv/bin/python bench/sustain.py                           # generated tree
     .venv/bin/python bench/sustain.py --only linux --iters 3000
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import random
 import sys
 import time
@@ -26,6 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.corpus import WORK, generated_tree, linux_tree, machine_note  # noqa: E402
 from bench.mcts import POOL, Oppiefs, edit  # noqa: E402
+from oppiefs.state import TRASH_PREFIX  # noqa: E402
 
 
 def run(src: Path, iters: int, every: int, idle: float, seed: int) -> list[dict[str, float]]:
@@ -37,8 +40,9 @@ def run(src: Path, iters: int, every: int, idle: float, seed: int) -> list[dict[
 
     def sample(i: int, t0: float) -> None:
         st = system.client.status()
-        samples.append({"iters": i, "seconds": time.monotonic() - t0,
-                        "objects": st["objects"], "stored_mb": st["stored_bytes"] / 1e6})
+        trash = sum(n.startswith(TRASH_PREFIX) for n in os.listdir(system.store / "nodes"))
+        samples.append({"iters": i, "seconds": time.monotonic() - t0, "objects": st["objects"],
+                        "stored_mb": st["stored_bytes"] / 1e6, "trash": trash})
 
     root = system.setup(src)
     try:
@@ -75,10 +79,12 @@ def main() -> None:
         sys.exit(f"{args.only}: corpus not available")
     print(machine_note())
     samples = run(src, args.iters, args.every, args.idle, args.seed)
-    print(f"\n| {args.only}: iterations | seconds | objects | stored MB |\n|---|---|---|---|")
+    print(f"\n| {args.only}: iterations | seconds | objects | stored MB | trash dirs |\n"
+          "|---|---|---|---|---|")
     for s in samples:
         label = f"idle {args.idle:g} s" if s["iters"] < 0 else str(s["iters"])
-        print(f"| {label} | {s['seconds']:.0f} | {s['objects']:.0f} | {s['stored_mb']:.1f} |")
+        print(f"| {label} | {s['seconds']:.0f} | {s['objects']:.0f} | {s['stored_mb']:.1f} | "
+              f"{s['trash']} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"when": dt.datetime.now().isoformat(timespec="seconds"),
                                     "machine": machine_note(),
