@@ -90,6 +90,7 @@ class StateManager:
         self._last_active = 0.0
         self._last_kind = ""
         self._pause_after: dict[str, float] = {}
+        self._trash_error = ""  # the last failure to empty the trash (logged once)
         # Called with a snapshot id when it leaves the listing (the mount drops its dentry).
         self.on_released: Callable[[str], None] = lambda snapshot_id: None
 
@@ -334,11 +335,13 @@ class StateManager:
         rose 10-25% (bench/RESULTS.md). If ``rm`` cannot run, they are deleted here. Once
         ``stop`` is set (the daemon is stopping), the child is ended and no other started,
         so nothing deletes in the store after the daemon exits; the next start deletes
-        what is left (a node dir without a record).
+        what is left (a node dir without a record). A failure is logged when it changes
+        (this runs about once a second).
         """
+        stop = stop or threading.Event()
         dirs = sorted(str(d) for d in self.node_root.glob(f"{TRASH_PREFIX}*"))
         for i in range(0, len(dirs), TRASH_BATCH):
-            if stop is not None and stop.is_set():
+            if stop.is_set():
                 return
             batch = dirs[i:i + TRASH_BATCH]
             try:
@@ -346,7 +349,8 @@ class StateManager:
                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE)
             except OSError as exc:
-                log.warning("cannot run rm (%s): deleting dropped node dirs in the daemon", exc)
+                self._trash_failed(f"cannot run rm ({exc}): deleting dropped node dirs in "
+                                   "the daemon")
                 for d in batch:
                     shutil.rmtree(d, ignore_errors=True)
                 continue
@@ -355,10 +359,16 @@ class StateManager:
                     _, err = proc.communicate(timeout=0.1)
                     break
                 except subprocess.TimeoutExpired:
-                    if stop is not None and stop.is_set():
+                    if stop.is_set():
                         proc.terminate()
-            if proc.returncode and not (stop is not None and stop.is_set()):
-                log.warning("deleting dropped node dirs: %s", err.decode(errors="replace").strip())
+            if proc.returncode and not stop.is_set():
+                self._trash_failed("deleting dropped node dirs: "
+                                   + err.decode(errors="replace").strip())
+
+    def _trash_failed(self, message: str) -> None:
+        if message != self._trash_error:
+            log.warning("%s", message)
+            self._trash_error = message
 
     def detach_all(self) -> None:
         """Unmount every node overlay (lazily): on shutdown, before the FUSE mount goes."""
