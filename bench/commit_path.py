@@ -4,7 +4,10 @@ bench/mcts.py times commits through a real mount, where the ctl round trip, the 
 this VM's drift blur differences of a few hundred microseconds. This script makes the same
 edits as bench/mcts.py (1-10 random files overwritten or appended to, sometimes a new file
 at the root) as a plain upper dir on the host, and times ``tree.apply_upper`` and
-``Store.publish`` on a store of each tree, in wall and CPU time. Snapshots are forked from
+``Store.publish`` on a store of each tree, in wall and CPU time, and counts the write
+syscalls of each publish (LMDB writes each run of adjacent dirty pages with one; the fsync
+waits for each run as one request to the disk) and their KiB: deterministic, where this
+VM's timings drift. Snapshots are forked from
 a pool of 6 and pruned as in the MCTS loop; the sweeper runs every 200 commits, untimed.
 Use it to compare two versions of the code on the same machine minute; bench/mcts.py has the
 goals.
@@ -28,11 +31,26 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.corpus import WORK, generated_tree, linux_tree, machine_note, rmtree  # noqa: E402
+from bench.corpus import (  # noqa: E402
+    WORK,
+    generated_tree,
+    linux_sample_tree,
+    linux_tree,
+    machine_note,
+    rmtree,
+)
 from bench.mcts import POOL, pct, pick  # noqa: E402
 from oppiefs import overlay, tree  # noqa: E402
 
 PHASES = ("apply", "publish", "total", "apply_cpu", "publish_cpu")
+COUNTS = ("publish_writes", "publish_kib")
+IO = Path("/proc/thread-self/io")
+
+
+def thread_writes() -> tuple[int, int]:
+    """(write syscalls, bytes written) of the calling thread so far."""
+    fields = dict(line.split(": ") for line in IO.read_text().splitlines())
+    return int(fields["syscw"]), int(fields["wchar"])
 
 
 def upper_edit(upper: Path, src: Path, rng: random.Random, files: list[str]) -> None:
@@ -63,7 +81,7 @@ def run(src: Path, work: Path, iters: int, warmup: int, seed: int) -> dict[str, 
         rng = random.Random(seed)
         upper = work / "upper"
         pool = [root]
-        lat: dict[str, list[float]] = {k: [] for k in PHASES}
+        lat: dict[str, list[float]] = {k: [] for k in PHASES + COUNTS}
         for i in range(warmup + iters):
             base = rng.choice(pool)
             upper_edit(upper, src, rng, files)
@@ -71,13 +89,17 @@ def run(src: Path, work: Path, iters: int, warmup: int, seed: int) -> dict[str, 
             with store.writer() as w:
                 built = tree.apply_upper(reader, w, base, os.fsencode(upper), overlay.scan_upper)
                 t1, c1 = time.perf_counter(), time.thread_time()
+                w1 = thread_writes()
                 store.publish(w, built.oid, parent=base.hex(), logical_bytes=built.bytes,
                               files=built.files)
             t2, c2 = time.perf_counter(), time.thread_time()
+            w2 = thread_writes()
             if i >= warmup:
                 for k, v in zip(PHASES, (t1 - t0, t2 - t1, t2 - t0, c1 - c0, c2 - c1),
                                 strict=True):
                     lat[k].append(v)
+                lat["publish_writes"].append(w2[0] - w1[0])
+                lat["publish_kib"].append((w2[1] - w1[1]) / 1024)
             pool.append(built.oid)
             if len(pool) > POOL:
                 store.release(pool.pop(rng.randrange(1, len(pool) - 1)))
@@ -91,27 +113,34 @@ def run(src: Path, work: Path, iters: int, warmup: int, seed: int) -> dict[str, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=["generated", "linux"])
+    ap.add_argument("--only", choices=["generated", "linux", "linux-sample"],
+                    help="one tree (linux-sample, bench/corpus.py's diagnostic tree, runs "
+                         "only on request)")
     ap.add_argument("--iters", type=int, default=400)
     ap.add_argument("--warmup", type=int, default=400, help="uncounted commits first")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "commit_path.json")
     args = ap.parse_args()
-    trees = {"generated": generated_tree, "linux": linux_tree}
+    trees = {"generated": generated_tree, "linux": linux_tree,
+             "linux-sample": linux_sample_tree}
     results = {}
     print(machine_note())
-    print("\n| tree | n | " + " | ".join(f"{k} p50 / p95 ms" for k in PHASES) + " |")
-    print("|---|---|" + "---|" * len(PHASES))
+    print("\n| tree | n | " + " | ".join(f"{k} p50 / p95 ms" for k in PHASES)
+          + " | " + " | ".join(f"{k} p50 / p95" for k in COUNTS) + " |")
+    print("|---|---|" + "---|" * (len(PHASES) + len(COUNTS)))
     for name, make in trees.items():
-        if args.only and name != args.only:
+        if name != args.only and (args.only or name == "linux-sample"):
             continue
         src = make()
         if src is None:
             print(f"| {name} | skipped: corpus not available |")
             continue
         lat = run(src, WORK / f"commit-path-{name}", args.iters, args.warmup, args.seed)
-        results[name] = {k: {"p50": pct(v, 50), "p95": pct(v, 95)} for k, v in lat.items()}
-        cells = " | ".join(f"{r['p50']:.2f} / {r['p95']:.2f}" for r in results[name].values())
+        results[name] = {k: {p: pct(v, int(p[1:]), 1 if k in COUNTS else 1e3)
+                             for p in ("p50", "p95")} for k, v in lat.items()}
+        cells = " | ".join(f"{r['p50']:.{1 if k in COUNTS else 2}f} / "
+                           f"{r['p95']:.{1 if k in COUNTS else 2}f}"
+                           for k, r in results[name].items())
         print(f"| {name} | {args.iters} | {cells} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"when": dt.datetime.now().isoformat(timespec="seconds"),

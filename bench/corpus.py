@@ -2,7 +2,10 @@
 
 Both live under one work dir (default /var/tmp/oppiefs-bench, or OPPIEFS_BENCH_DIR) and are
 made once: the generated tree (2,000 files, 50 MB, fixed seed) from tests.treeutil, the
-kernel tree unpacked from Debian's linux-source-6.1 tarball (None when it is not installed).
+kernel tree unpacked from Debian's linux-source-6.1 tarball (None when it is not installed),
+and a sample of the kernel tree (2,000 of its files at their own paths): a small tree as
+deep as the kernel tree, to tell what a commit's cost follows, the depth of the changed
+paths or the size of the tree.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import random
 import shutil
 import subprocess
 import sys
@@ -99,6 +103,26 @@ def linux_tree(work: Path = WORK) -> Path | None:
     subprocess.run(["tar", "-xJf", str(LINUX_TARBALL), "-C", str(tmp)], check=True)
     (tmp / "linux-source-6.1").rename(root)
     tmp.rmdir()
+    return root
+
+
+def linux_sample_tree(work: Path = WORK, files: int = 2000, seed: int = 0) -> Path | None:
+    """``files`` regular files of the kernel tree drawn at random, copied to the same
+    relative paths: the kernel tree's depths at the generated tree's size (its directories
+    hold fewer entries than the kernel's, as a small tree's do)."""
+    src = linux_tree(work)
+    if src is None:
+        return None
+    name = f"linux-sample-{files}-seed{seed}"
+    root, stamp = work / name, work / f"{name}.done"
+    if not stamp.exists():
+        rmtree(root)
+        rels = sorted(str(p.relative_to(src)) for p in src.rglob("*")
+                      if p.is_file() and not p.is_symlink())
+        for rel in random.Random(seed).sample(rels, files):
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / rel, root / rel)
+        stamp.touch()
     return root
 
 

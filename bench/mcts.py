@@ -17,7 +17,9 @@ on all of them and records per-operation latencies:
 
 Edits touch random files anywhere in the tree; ``--spread clustered`` picks them around
 one random file instead (its directory, then wider), as an agent working on one module
-would: a commit then rewrites fewer directories.
+would: a commit then rewrites fewer directories. ``--only linux-sample`` runs a third,
+diagnostic tree: 2,000 of the kernel tree's files at their own paths, as small as the
+generated tree and as deep as the kernel tree.
 
 Slow peers get fewer iterations on big trees (``--peer-iters``); percentiles say how many
 samples they rest on. Goals (oppiefs, both trees): fork P95 <= 10 ms, commit P95 <= 30 ms,
@@ -49,7 +51,15 @@ from typing import Any, ClassVar
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.corpus import WORK, generated_tree, linux_tree, machine_note, rmtree, warm  # noqa: E402
+from bench.corpus import (  # noqa: E402
+    WORK,
+    generated_tree,
+    linux_sample_tree,
+    linux_tree,
+    machine_note,
+    rmtree,
+    warm,
+)
 from oppiefs.client import Client  # noqa: E402
 
 OPS = ("fork", "commit", "drop", "prune")
@@ -360,11 +370,12 @@ def run(system: System, tree: Path, iters: int, seed: int,
     return lat
 
 
-def pct(values: list[float], p: float) -> float:
+def pct(values: list[float], p: float, scale: float = 1e3) -> float:
+    """Percentile ``p`` of ``values`` (seconds, in ms by default)."""
     if not values:
         return float("nan")
     s = sorted(values)
-    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))] * 1e3
+    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))] * scale
 
 
 def summarize(lat: dict[str, list[float]]) -> dict[str, dict[str, float]]:
@@ -374,7 +385,9 @@ def summarize(lat: dict[str, list[float]]) -> dict[str, dict[str, float]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", choices=["generated", "linux"])
+    ap.add_argument("--only", choices=["generated", "linux", "linux-sample"],
+                    help="one tree (linux-sample: 2,000 of the kernel tree's files at their "
+                         "paths, a diagnostic run only on request)")
     ap.add_argument("--iters", type=int, default=200, help="oppiefs iterations per tree")
     ap.add_argument("--peer-iters", type=int, default=None,
                     help="iterations for peers (default: 30 on the small tree, 8 on linux)")
@@ -393,6 +406,8 @@ def main() -> None:
         trees["generated"] = generated_tree()
     if args.only in (None, "linux"):
         trees["linux"] = linux_tree()
+    if args.only == "linux-sample":
+        trees["linux-sample"] = linux_sample_tree()
     peers: list[type[System]] = []
     for name, cls in [("cp", CopyAll), ("git", GitWorktree), ("overlay", PlainOverlay),
                       ("btrfs", Btrfs)]:
@@ -413,7 +428,7 @@ def main() -> None:
         res: dict[str, Any] = {"files": nfiles, "bytes": nbytes, "systems": {}}
         for cls in [Oppiefs, *peers]:
             n = args.iters if cls is Oppiefs else (
-                args.peer_iters or (30 if tname == "generated" else 8))
+                args.peer_iters or (8 if tname == "linux" else 30))
             print(f"   {cls.name}: {n} iterations ...", file=sys.stderr)
             lat = run(cls(WORK / f"mcts-{cls.__name__.lower()}"), tree, n, args.seed,
                       args.spread, args.warmup if cls is Oppiefs else 0)
