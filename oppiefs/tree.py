@@ -121,7 +121,13 @@ class Tree:
     payload: bytes | None = field(default=None, repr=False, compare=False)
 
     def index_of(self, name: bytes) -> int | None:
-        """Position of ``name`` in ``entries`` (built on first use: most trees are walked)."""
+        """Position of ``name`` in ``entries``: a dict built on first use (most trees are
+        walked), a binary search in a split directory (a commit looks up a few names in a
+        new version of it each time, and the dict would cost a pass over thousands)."""
+        if self.parts is not None:
+            names = self.names
+            i = bisect.bisect_left(names, name)
+            return i if i < len(names) and names[i] == name else None
         if self._index is None:
             self._index = dict(zip(self.names, itertools.count()))
         return self._index.get(name)
@@ -159,6 +165,16 @@ class Tally:
     direct_bytes: int = 0
     direct_files: int = 0
     entries: int = 0
+
+    @classmethod
+    def of_parts(cls, parts: Iterable[Tally], total_bytes: int, total_files: int) -> Tally:
+        """A split directory's totals from those of its parts (each counts its own files)."""
+        tally = cls(total_bytes, total_files)
+        for t in parts:
+            tally.direct_bytes += t.direct_bytes
+            tally.direct_files += t.direct_files
+            tally.entries += t.entries
+        return tally
 
     @classmethod
     def of(cls, entries: list[Entry], sub_bytes: int = 0, sub_files: int = 0) -> Tally:
@@ -365,20 +381,23 @@ def put_changes(w: Writer, lower: Tree | None, changes: dict[bytes, Entry | None
 
     parts: list[tuple[bytes, int]] = []
     runs: list[list[Entry]] = []  # the entries of each of ``parts``
+    run_names: list[list[bytes]] = []  # and their names
     new_parts: set[tuple[bytes, int]] = set()
     k = 0
     while k < len(old):
         if k not in touched:
             parts.append(old[k])
             runs.append(lower.entries[starts[k]:starts[k + 1]])
+            run_names.append(lower.names[starts[k]:starts[k + 1]])
             k += 1
             continue
         if reader is not None and all(changes[name] is not None and lower.get(name) is not None
                                       for name in touched[k]):
-            part, run = _splice_part(w, reader, old[k][0],
-                                     {name: changes[name] for name in touched[k]}, fresh)
+            part, spliced = _splice_part(w, reader, old[k][0],
+                                         {name: changes[name] for name in touched[k]}, fresh)
             parts.append(part)
-            runs.append(run)
+            runs.append(spliced.entries)
+            run_names.append(spliced.names)
             new_parts.add(part)
             k += 1
             continue
@@ -394,18 +413,29 @@ def put_changes(w: Writer, lower: Tree | None, changes: dict[bytes, Entry | None
         new = [_put_part(w, run[start:end], fresh) for start, end in cuts]
         parts += new
         runs += [run[start:end] for start, end in cuts]
+        run_names += [[e.name for e in run[start:end]] for start, end in cuts]
         new_parts.update(new)
         k = last + 1
     built = _put_index(w, parts, n, tally, new_parts)
     if reader is not None:  # a big directory is the costliest one to decode again
-        reader.remember(built.oid, Tree(list(itertools.chain.from_iterable(runs)), tally.bytes,
-                                        tally.files, parts), tally)
+        reader.remember(built.oid, _split_tree(list(itertools.chain.from_iterable(runs)),
+                                               run_names, parts, tally), tally)
     return built
 
 
+def _split_tree(entries: list[Entry], names: list[list[bytes]], parts: list[tuple[bytes, int]],
+                tally: Tally) -> Tree:
+    """A split directory's tree, given its parts' names and its totals (spares the passes
+    over every entry that computing them would take)."""
+    tree = Tree(entries, tally.bytes, tally.files, parts)
+    tree.__dict__["names"] = list(itertools.chain.from_iterable(names))  # cached properties
+    tree.__dict__["tally"] = tally
+    return tree
+
+
 def _splice_part(w: Writer, reader: Reader, oid: bytes, changes: dict[bytes, Entry],
-                 fresh: set[bytes]) -> tuple[tuple[bytes, int], list[Entry]]:
-    """Part ``oid`` with entries replaced, names unchanged -> (part, its entries); the new
+                 fresh: set[bytes]) -> tuple[tuple[bytes, int], Tree]:
+    """Part ``oid`` with entries replaced, names unchanged -> (part, its tree); the new
     part is handed to the reader, where the next commit on top of this one splices it.
     A part's totals are those of its own files; they change by the replaced ones."""
     lower = reader.part(oid)
@@ -419,7 +449,7 @@ def _splice_part(w: Writer, reader: Reader, oid: bytes, changes: dict[bytes, Ent
     new.payload = payload
     new_oid = _put_dir(w, payload, list(changes.values()), fresh)
     reader.remember(new_oid, new)
-    return (new_oid, len(new.entries)), new.entries
+    return (new_oid, len(new.entries)), new
 
 
 def _put_part(w: Writer, run: list[Entry], fresh: set[bytes] | None) -> tuple[bytes, int]:
@@ -473,34 +503,45 @@ def decode_index(payload: bytes) -> tuple[int, int, int, list[tuple[bytes, int]]
 
 
 def decode_tree(payload: bytes) -> Tree:
+    """Decode a one-object tree, its names too (every lookup wants them).
+
+    Entries are made with ``tuple.__new__``: a NamedTuple's own constructor is Python code,
+    and it was half of decoding a directory, which a commit does for every directory on
+    its paths that the cache does not hold.
+    """
     if payload[:8] != TREE_MAGIC:
         raise Corrupt("not a tree object")
     try:
         total_bytes, total_files, n = _HEAD.unpack_from(payload, 8)
         pos = 8 + _HEAD.size
-        entries = []
+        entries: list[Entry] = []
+        names: list[bytes] = []
         unpack = _ENTRY.unpack_from
         esize = _ENTRY.size
+        new = tuple.__new__
         for _ in range(n):
             etype, mode, uid, gid, size, mtime, nlen = unpack(payload, pos)
             pos += esize
             name = payload[pos:pos + nlen]
+            names.append(name)
             pos += nlen
             if etype == T_SYMLINK:
                 (tlen,) = _U16.unpack_from(payload, pos)
                 pos += 2
-                entries.append(Entry(name, etype, mode, uid, gid, size, mtime, ZERO_ID,
-                                     payload[pos:pos + tlen]))
+                entries.append(new(Entry, (name, etype, mode, uid, gid, size, mtime, ZERO_ID,
+                                           payload[pos:pos + tlen])))
                 pos += tlen
             else:
-                entries.append(Entry(name, etype, mode, uid, gid, size, mtime,
-                                     payload[pos:pos + 32]))
+                entries.append(new(Entry, (name, etype, mode, uid, gid, size, mtime,
+                                           payload[pos:pos + 32], b"")))
                 pos += 32
     except struct.error as exc:
         raise Corrupt(f"truncated tree object: {exc}") from exc
     if pos != len(payload):
         raise Corrupt("trailing bytes in tree object")
-    return Tree(entries, total_bytes, total_files)
+    tree = Tree(entries, total_bytes, total_files)
+    tree.__dict__["names"] = names  # the cached property
+    return tree
 
 
 def encode_list(chunks: list[tuple[bytes, int]]) -> bytes:
@@ -655,15 +696,20 @@ class Reader:
             return self._decode(payload)
         total_bytes, total_files, n, parts = decode_index(payload)
         entries: list[Entry] = []
-        for part, count in parts:
-            run = self.part(part).entries
+        part_trees = [self.part(part) for part, _ in parts]
+        for (part, count), pt in zip(parts, part_trees, strict=True):
+            run = pt.entries
             if len(run) != count or not run or (entries and entries[-1].name >= run[0].name):
                 raise Corrupt(f"part {part.hex()} does not fit tree index {oid.hex()}")
             entries += run
         if len(entries) != n:
             raise Corrupt(f"tree index {oid.hex()} miscounts its entries")
         self._decoded(n)
-        return Tree(entries, total_bytes, total_files, parts)
+        # Names and totals from the parts, which keep theirs: a new version of a big
+        # directory shares all but a few parts with the last one.
+        return _split_tree(entries, [pt.names for pt in part_trees], parts,
+                           Tally.of_parts((pt.tally for pt in part_trees), total_bytes,
+                                          total_files))
 
     def _part_tree(self, oid: bytes) -> Tree:
         written = self._take_written(oid)
