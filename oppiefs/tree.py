@@ -419,17 +419,19 @@ def put_changes(w: Writer, lower: Tree | None, changes: dict[bytes, Entry | None
     built = _put_index(w, parts, n, tally, new_parts)
     if reader is not None:  # a big directory is the costliest one to decode again
         reader.remember(built.oid, _split_tree(list(itertools.chain.from_iterable(runs)),
-                                               run_names, parts, tally), tally)
+                                               run_names, parts, tally.bytes, tally.files),
+                        tally)
     return built
 
 
 def _split_tree(entries: list[Entry], names: list[list[bytes]], parts: list[tuple[bytes, int]],
-                tally: Tally) -> Tree:
-    """A split directory's tree, given its parts' names and its totals (spares the passes
-    over every entry that computing them would take)."""
-    tree = Tree(entries, tally.bytes, tally.files, parts)
+                total_bytes: int, total_files: int, tally: Tally | None = None) -> Tree:
+    """A split directory's tree, given its parts' names and maybe its ``tally``: spares
+    the passes over every entry that computing them would take."""
+    tree = Tree(entries, total_bytes, total_files, parts)
     tree.__dict__["names"] = list(itertools.chain.from_iterable(names))  # cached properties
-    tree.__dict__["tally"] = tally
+    if tally is not None:
+        tree.__dict__["tally"] = tally
     return tree
 
 
@@ -502,8 +504,10 @@ def decode_index(payload: bytes) -> tuple[int, int, int, list[tuple[bytes, int]]
     return total_bytes, total_files, n, list(_LIST_ITEM.iter_unpack(body))
 
 
-def decode_tree(payload: bytes) -> Tree:
-    """Decode a one-object tree, its names too (every lookup wants them).
+def decode_tree(payload: bytes, *, offsets: bool = False) -> Tree:
+    """Decode a one-object tree, its names too (every lookup wants them), and with
+    ``offsets`` where each record starts (what a commit splices; a mount would only hold
+    them in memory).
 
     Entries are made with ``tuple.__new__``: a NamedTuple's own constructor is Python code,
     and it was half of decoding a directory, which a commit does for every directory on
@@ -516,10 +520,13 @@ def decode_tree(payload: bytes) -> Tree:
         pos = 8 + _HEAD.size
         entries: list[Entry] = []
         names: list[bytes] = []
+        starts: list[int] | None = [] if offsets else None
         unpack = _ENTRY.unpack_from
         esize = _ENTRY.size
         new = tuple.__new__
         for _ in range(n):
+            if starts is not None:
+                starts.append(pos)
             etype, mode, uid, gid, size, mtime, nlen = unpack(payload, pos)
             pos += esize
             name = payload[pos:pos + nlen]
@@ -540,7 +547,10 @@ def decode_tree(payload: bytes) -> Tree:
     if pos != len(payload):
         raise Corrupt("trailing bytes in tree object")
     tree = Tree(entries, total_bytes, total_files)
-    tree.__dict__["names"] = names  # the cached property
+    tree.__dict__["names"] = names  # the cached properties
+    if starts is not None:
+        starts.append(pos)  # where the last record ends
+        tree.__dict__["offsets"] = starts
     return tree
 
 
@@ -705,11 +715,13 @@ class Reader:
         if len(entries) != n:
             raise Corrupt(f"tree index {oid.hex()} miscounts its entries")
         self._decoded(n)
-        # Names and totals from the parts, which keep theirs: a new version of a big
-        # directory shares all but a few parts with the last one.
-        return _split_tree(entries, [pt.names for pt in part_trees], parts,
-                           Tally.of_parts((pt.tally for pt in part_trees), total_bytes,
-                                          total_files))
+        # Names (and, for a commit's reader, totals) from the parts, which keep theirs: a
+        # new version of a big directory shares all but a few parts with the last one. A
+        # mount never asks for totals, and would count every part once for nothing.
+        tally = (Tally.of_parts((pt.tally for pt in part_trees), total_bytes, total_files)
+                 if self.keep_payloads else None)
+        return _split_tree(entries, [pt.names for pt in part_trees], parts, total_bytes,
+                           total_files, tally)
 
     def _part_tree(self, oid: bytes) -> Tree:
         written = self._take_written(oid)
@@ -725,7 +737,7 @@ class Reader:
         return written
 
     def _decode(self, payload: bytes) -> Tree:
-        decoded = decode_tree(payload)
+        decoded = decode_tree(payload, offsets=self.keep_payloads)
         if self.keep_payloads:
             decoded.payload = payload
         return decoded

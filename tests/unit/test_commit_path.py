@@ -41,7 +41,7 @@ def test_splice_equals_a_fresh_encoding(seed: int) -> None:
     names = sorted({rng.randbytes(rng.randrange(1, 12)) for _ in range(rng.randrange(0, 120))})
     lower_entries = [_entry(rng, n) for n in names]
     payload, _, _ = tree.encode_tree(lower_entries, 1234, 5)
-    lower = tree.decode_tree(payload)
+    lower = tree.decode_tree(payload, offsets=rng.random() < 0.5)  # a commit's decode: True
     changes: dict[bytes, tree.Entry | None] = {}
     for _ in range(rng.randrange(1, 12)):
         if names and rng.random() < 0.6:
@@ -58,6 +58,8 @@ def test_splice_equals_a_fresh_encoding(seed: int) -> None:
         decoded.entries, decoded.total_bytes, decoded.total_files)
     # What the next splice on top uses, built alongside instead of from every entry:
     assert (new.names, new.offsets) == (decoded.names, decoded.offsets)
+    # A decode that records the offsets as it goes agrees with counting them afterwards.
+    assert tree.decode_tree(expected, offsets=True).offsets == decoded.offsets
     for name in new.names:
         assert new.get(name) == decoded.get(name)
 

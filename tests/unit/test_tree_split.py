@@ -64,6 +64,10 @@ def test_split_directory_reads_back_like_the_source(store: Store, tmp_path: Path
     assert all(0 < n <= tree.PART_MAX for _, n in t.parts)
     assert [e.name for e in t.entries] == sorted([*names, b"sub"])
     _assert_lookups_match(t, list(t.entries))
+    # A commit's reader takes the totals from the parts; a mount's counts them if asked.
+    counted = tree.Reader(store, keep_payloads=True).tree(big.ref)
+    assert "tally" in counted.__dict__
+    _assert_lookups_match(counted, list(t.entries))
     assert big.size == len(t.entries) + 1  # entries below: every name plus sub/x
     assert (t.total_files, t.total_bytes) == (len(names) + 1,
                                               sum(len(b"content of " + n) for n in names) + 5000)
@@ -268,7 +272,7 @@ def test_a_new_version_of_a_split_directory_decodes_only_its_new_parts(
     v1 = tree.import_dir(store, tmp_path / "src").root
     (tmp_path / "src" / "big" / os.fsdecode(names[100])).write_bytes(b"changed")
     v2 = tree.import_dir(store, tmp_path / "src").root
-    reader = tree.Reader(store)
+    reader = tree.Reader(store, keep_payloads=True)  # as a commit's
     one = reader.tree(reader.lookup(v1, "big").ref)
     misses = reader.part.cache_info().misses  # type: ignore[attr-defined]
     two = reader.tree(reader.lookup(v2, "big").ref)
