@@ -19,8 +19,6 @@ goals.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
 import random
 import shutil
@@ -38,6 +36,7 @@ from bench.corpus import (  # noqa: E402
     linux_tree,
     machine_note,
     rmtree,
+    write_result,
 )
 from bench.mcts import POOL, pct, pick  # noqa: E402
 from oppiefs import overlay, tree  # noqa: E402
@@ -142,11 +141,7 @@ def main() -> None:
                            f"{r['p95']:.{1 if k in COUNTS else 2}f}"
                            for k, r in results[name].items())
         print(f"| {name} | {args.iters} | {cells} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"when": dt.datetime.now().isoformat(timespec="seconds"),
-                                    "machine": machine_note(), "args": vars(args) | {
-                                        "out": str(args.out)}, "results": results}, indent=1))
-    print(f"\nwrote {args.out}")
+    write_result(args, results=results)
 
 
 if __name__ == "__main__":

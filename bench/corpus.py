@@ -10,7 +10,10 @@ paths or the size of the tree.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import datetime as dt
+import json
 import os
 import platform
 import random
@@ -124,6 +127,16 @@ def linux_sample_tree(work: Path = WORK, files: int = 2000, seed: int = 0) -> Pa
             shutil.copy2(src / rel, root / rel)
         stamp.touch()
     return root
+
+
+def write_result(args: argparse.Namespace, **result: object) -> None:
+    """Write a run's JSON to ``args.out``: when, on what machine, with which arguments."""
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"when": dt.datetime.now().isoformat(timespec="seconds"),
+                                    "machine": machine_note(),
+                                    "args": vars(args) | {"out": str(args.out)}, **result},
+                                   indent=1))
+    print(f"\nwrote {args.out}")
 
 
 def warm(root: Path) -> tuple[int, int]:

@@ -15,8 +15,6 @@ seconds and samples once more (the catch-up).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
 import random
 import sys
@@ -26,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.corpus import WORK, generated_tree, linux_tree, machine_note  # noqa: E402
+from bench.corpus import WORK, generated_tree, linux_tree, machine_note, write_result  # noqa: E402
 from bench.mcts import POOL, Oppiefs, edit  # noqa: E402
 from oppiefs.state import TRASH_PREFIX  # noqa: E402
 
@@ -85,12 +83,7 @@ def main() -> None:
         label = f"idle {args.idle:g} s" if s["iters"] < 0 else str(s["iters"])
         print(f"| {label} | {s['seconds']:.0f} | {s['objects']:.0f} | {s['stored_mb']:.1f} | "
               f"{s['trash']} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"when": dt.datetime.now().isoformat(timespec="seconds"),
-                                    "machine": machine_note(),
-                                    "args": vars(args) | {"out": str(args.out)},
-                                    "samples": samples}, indent=1))
-    print(f"\nwrote {args.out}")
+    write_result(args, samples=samples)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@ Median of the repetitions, in microseconds; CPU-bound, so steadier than bench/mc
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import statistics
 import sys
 import tempfile
@@ -30,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.corpus import WORK, machine_note  # noqa: E402
+from bench.corpus import WORK, machine_note, write_result  # noqa: E402
 from oppiefs import tree  # noqa: E402
 
 
@@ -88,11 +86,7 @@ def main() -> None:
     for n in (int(x) for x in args.sizes.split(",")):
         r = results[n] = measure(n, args.reps)
         print(f"| {n} | {r['read_us']:.0f} | {r['step_us']:.0f} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"when": dt.datetime.now().isoformat(timespec="seconds"),
-                                    "machine": machine_note(), "args": vars(args) | {
-                                        "out": str(args.out)}, "results": results}, indent=1))
-    print(f"\nwrote {args.out}")
+    write_result(args, results=results)
 
 
 if __name__ == "__main__":
