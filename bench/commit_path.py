@@ -4,13 +4,12 @@ bench/mcts.py times commits through a real mount, where the ctl round trip, the 
 this VM's drift blur differences of a few hundred microseconds. This script makes the same
 edits as bench/mcts.py (1-10 random files overwritten or appended to, sometimes a new file
 at the root) as a plain upper dir on the host, and times ``tree.apply_upper`` and
-``Store.publish`` on a store of each tree, in wall and CPU time, and counts the write
-syscalls of each publish (LMDB writes each run of adjacent dirty pages with one; the fsync
-waits for each run as one request to the disk) and their KiB: deterministic, where this
-VM's timings drift. Snapshots are forked from
-a pool of 6 and pruned as in the MCTS loop; the sweeper runs every 200 commits, untimed.
-Use it to compare two versions of the code on the same machine minute; bench/mcts.py has the
-goals.
+``Store.publish`` on a store of each tree, in wall and CPU time. It also counts the write
+syscalls of each publish and their KiB: LMDB writes each run of adjacent dirty pages with
+one, and the fsync waits for each run as one request to the disk. The counts repeat from
+run to run; this VM's timings drift. Snapshots are forked from a pool of 6 and pruned as in
+the MCTS loop; the sweeper runs every 200 commits, untimed. Use it to compare two versions
+of the code on the same machine minute; bench/mcts.py has the goals.
 
     .venv/bin/python bench/commit_path.py                          # both trees
     .venv/bin/python bench/commit_path.py --only linux --iters 400 --warmup 400
@@ -135,10 +134,11 @@ def main() -> None:
             print(f"| {name} | skipped: corpus not available |")
             continue
         lat = run(src, WORK / f"commit-path-{name}", args.iters, args.warmup, args.seed)
-        results[name] = {k: {p: pct(v, int(p[1:]), 1 if k in COUNTS else 1e3)
-                             for p in ("p50", "p95")} for k, v in lat.items()}
-        cells = " | ".join(f"{r['p50']:.{1 if k in COUNTS else 2}f} / "
-                           f"{r['p95']:.{1 if k in COUNTS else 2}f}"
+        results[name] = {k: {"p50": pct(v, 50, 1 if k in COUNTS else 1e3),
+                             "p95": pct(v, 95, 1 if k in COUNTS else 1e3)}
+                         for k, v in lat.items()}
+        digits = {k: 1 if k in COUNTS else 2 for k in lat}
+        cells = " | ".join(f"{r['p50']:.{digits[k]}f} / {r['p95']:.{digits[k]}f}"
                            for k, r in results[name].items())
         print(f"| {name} | {args.iters} | {cells} |")
     write_result(args, results=results)

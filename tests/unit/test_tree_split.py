@@ -63,6 +63,7 @@ def test_split_directory_reads_back_like_the_source(store: Store, tmp_path: Path
     assert t.parts is not None and len(t.parts) > 10
     assert all(0 < n <= tree.PART_MAX for _, n in t.parts)
     assert [e.name for e in t.entries] == sorted([*names, b"sub"])
+    assert "tally" not in t.__dict__  # a mount's reader never asks for the totals
     _assert_lookups_match(t, list(t.entries))
     # A commit's reader takes the totals from the parts; a mount's counts them if asked.
     counted = tree.Reader(store, keep_payloads=True).tree(big.ref)
