@@ -120,14 +120,14 @@ class Tree:
     # Its encoded bytes (verified), kept by a commit's reader: the next commit splices them.
     payload: bytes | None = field(default=None, repr=False, compare=False)
 
+    @property
+    def size(self) -> int:
+        """Entries in this directory."""
+        return len(self.entries)
+
     def index_of(self, name: bytes) -> int | None:
         """Position of ``name`` in ``entries``: a dict built on first use (most trees are
-        walked), a binary search in a split directory (a commit looks up a few names in a
-        new version of it each time, and the dict would cost a pass over thousands)."""
-        if self.parts is not None:
-            names = self.names
-            i = bisect.bisect_left(names, name)
-            return i if i < len(names) and names[i] == name else None
+        walked)."""
         if self._index is None:
             self._index = dict(zip(self.names, itertools.count()))
         return self._index.get(name)
@@ -153,6 +153,65 @@ class Tree:
         tally = Tally.of(self.entries)
         tally.bytes, tally.files = self.total_bytes, self.total_files
         return tally
+
+
+class SplitTree(Tree):
+    """A directory stored in parts, as the trees of its parts.
+
+    A commit changes a few names of a directory that may hold thousands: it looks them up
+    in the parts they fall into, replaces those parts and keeps the others' trees as they
+    are, so its cost follows the parts it changes. The whole entry list (a mount's
+    listing) and the totals are put together from the parts only when asked for.
+    """
+
+    def __init__(self, part_trees: list[Tree], parts: list[tuple[bytes, int]], size: int,
+                 total_bytes: int, total_files: int, lasts: list[bytes] | None = None) -> None:
+        """``size``: its entries; ``lasts``: its parts' last names, if the caller has them
+        (a commit carries them over from the last version)."""
+        self.part_trees, self.parts, self._size = part_trees, parts, size
+        self.total_bytes, self.total_files = total_bytes, total_files
+        self._index, self.payload = None, None
+        if lasts is not None:
+            self.__dict__["lasts"] = lasts  # the cached property
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @functools.cached_property
+    def entries(self) -> list[Entry]:  # type: ignore[override]
+        return list(itertools.chain.from_iterable(pt.entries for pt in self.part_trees))
+
+    @functools.cached_property
+    def names(self) -> list[bytes]:
+        return list(itertools.chain.from_iterable(pt.names for pt in self.part_trees))
+
+    @functools.cached_property
+    def starts(self) -> list[int]:
+        """Where each part's entries start in ``entries``, then the number of entries."""
+        return list(itertools.accumulate((n for _, n in self.parts), initial=0))
+
+    @functools.cached_property
+    def lasts(self) -> list[bytes]:
+        """Each part's last name: a name after part k-1's last one belongs to part k."""
+        return [pt.entries[-1].name for pt in self.part_trees]
+
+    def part_of(self, name: bytes) -> int:
+        """The part that holds ``name``, or would."""
+        return min(bisect.bisect_left(self.lasts, name), len(self.parts) - 1)
+
+    def index_of(self, name: bytes) -> int | None:
+        k = self.part_of(name)
+        i = self.part_trees[k].index_of(name)
+        return None if i is None else self.starts[k] + i
+
+    def get(self, name: bytes) -> Entry | None:
+        return self.part_trees[self.part_of(name)].get(name)
+
+    @functools.cached_property
+    def tally(self) -> Tally:
+        return Tally.of_parts((pt.tally for pt in self.part_trees), self.total_bytes,
+                              self.total_files)
 
 
 @dataclass
@@ -314,7 +373,7 @@ def put_tree(w: Writer, entries: list[Entry], sub_bytes: int, sub_files: int,
     for a, b in itertools.pairwise(entries):
         if a.name == b.name:
             raise InvalidArgument(f"duplicate name {a.name!r} in directory")
-    parts = [_put_part(w, entries[start:end], fresh) for start, end in cut_parts(entries)]
+    parts = [_put_part(w, entries[start:end], fresh)[0] for start, end in cut_parts(entries)]
     return _put_index(w, parts, len(entries),
                       tally if tally is not None else Tally.of(entries, sub_bytes, sub_files),
                       None if fresh is None else set(parts))
@@ -340,7 +399,7 @@ def put_changes(w: Writer, lower: Tree | None, changes: dict[bytes, Entry | None
     changes only replace entries keeps its names, hence its bounds (cuts follow names), and
     is spliced as well.
     """
-    old_n = len(lower.entries) if lower is not None else 0
+    old_n = lower.size if lower is not None else 0
     n = old_n + sum((e is not None) - (lower is not None and lower.get(name) is not None)
                     for name, e in changes.items())
     fresh = set(changes)
@@ -360,16 +419,14 @@ def put_changes(w: Writer, lower: Tree | None, changes: dict[bytes, Entry | None
                 merged[name] = e
         return put_tree(w, list(merged.values()), tally.bytes - tally.direct_bytes,
                         tally.files - tally.direct_files, tally, fresh)
-    old = lower.parts
-    starts = list(itertools.accumulate((count for _, count in old), initial=0))
-    lasts = [lower.entries[end - 1].name for end in starts[1:]]
+    assert isinstance(lower, SplitTree)
+    old, old_trees = lower.parts, lower.part_trees
     touched: dict[int, list[bytes]] = {}
-    for name in changes:  # a name after part k-1's last one belongs to part k
-        touched.setdefault(min(bisect.bisect_left(lasts, name), len(old) - 1), []).append(name)
+    for name in changes:
+        touched.setdefault(lower.part_of(name), []).append(name)
 
     def merged_run(first: int, last: int) -> list[Entry]:
-        run = lower.entries[starts[first]:starts[last + 1]]
-        by_name = {e.name: e for e in run}
+        by_name = {e.name: e for pt in old_trees[first:last + 1] for e in pt.entries}
         for k in range(first, last + 1):
             for name in touched.get(k, ()):
                 e = changes[name]
@@ -379,68 +436,62 @@ def put_changes(w: Writer, lower: Tree | None, changes: dict[bytes, Entry | None
                     by_name[name] = e
         return sorted(by_name.values(), key=_name)
 
+    # The new version's parts, their trees and last names: untouched runs of parts are
+    # carried over as slices, so the loop's steps follow the touched parts.
     parts: list[tuple[bytes, int]] = []
-    runs: list[list[Entry]] = []  # the entries of each of ``parts``
-    run_names: list[list[bytes]] = []  # and their names
+    trees: list[Tree] = []
+    lasts: list[bytes] = []
+    old_lasts = lower.lasts
     new_parts: set[tuple[bytes, int]] = set()
-    k = 0
-    while k < len(old):
-        if k not in touched:
-            parts.append(old[k])
-            runs.append(lower.entries[starts[k]:starts[k + 1]])
-            run_names.append(lower.names[starts[k]:starts[k + 1]])
-            k += 1
-            continue
+    k = 0  # parts before k are placed
+    for t in sorted(touched):
+        if t < k:
+            continue  # taken in by the run of an earlier one
+        parts += old[k:t]
+        trees += old_trees[k:t]
+        lasts += old_lasts[k:t]
         if reader is not None and all(changes[name] is not None and lower.get(name) is not None
-                                      for name in touched[k]):
-            part, spliced = _splice_part(w, reader, old[k][0],
-                                         {name: changes[name] for name in touched[k]}, fresh)
+                                      for name in touched[t]):
+            part, spliced = _splice_part(w, reader, old[t][0], old_trees[t],
+                                         {name: changes[name] for name in touched[t]}, fresh)
             parts.append(part)
-            runs.append(spliced.entries)
-            run_names.append(spliced.names)
+            trees.append(spliced)
+            lasts.append(old_lasts[t])  # the names are unchanged
             new_parts.add(part)
-            k += 1
+            k = t + 1
             continue
-        last = k
+        last = t
         while True:
             while last + 1 < len(old) and last + 1 in touched:
                 last += 1
-            run = merged_run(k, last)
+            run = merged_run(t, last)
             cuts = cut_parts(run)
             if last + 1 == len(old) or not run or _closes(run, *cuts[-1]):
                 break
             last += 1  # the run's end is no cut any more: take in the next part
-        new = [_put_part(w, run[start:end], fresh) for start, end in cuts]
-        parts += new
-        runs += [run[start:end] for start, end in cuts]
-        run_names += [[e.name for e in run[start:end]] for start, end in cuts]
-        new_parts.update(new)
+        for start, end in cuts:
+            part, pt = _put_part(w, run[start:end], fresh)
+            parts.append(part)
+            trees.append(pt)
+            lasts.append(run[end - 1].name)
+            new_parts.add(part)
         k = last + 1
+    parts += old[k:]
+    trees += old_trees[k:]
+    lasts += old_lasts[k:]
     built = _put_index(w, parts, n, tally, new_parts)
     if reader is not None:  # a big directory is the costliest one to decode again
-        reader.remember(built.oid, _split_tree(list(itertools.chain.from_iterable(runs)),
-                                               run_names, parts, tally.bytes, tally.files),
+        reader.remember(built.oid, SplitTree(trees, parts, n, tally.bytes, tally.files, lasts),
                         tally)
     return built
 
 
-def _split_tree(entries: list[Entry], names: list[list[bytes]], parts: list[tuple[bytes, int]],
-                total_bytes: int, total_files: int, tally: Tally | None = None) -> Tree:
-    """A split directory's tree, given its parts' names and maybe its ``tally``: spares
-    the passes over every entry that computing them would take."""
-    tree = Tree(entries, total_bytes, total_files, parts)
-    tree.__dict__["names"] = list(itertools.chain.from_iterable(names))  # cached properties
-    if tally is not None:
-        tree.__dict__["tally"] = tally
-    return tree
-
-
-def _splice_part(w: Writer, reader: Reader, oid: bytes, changes: dict[bytes, Entry],
-                 fresh: set[bytes]) -> tuple[tuple[bytes, int], Tree]:
-    """Part ``oid`` with entries replaced, names unchanged -> (part, its tree); the new
-    part is handed to the reader, where the next commit on top of this one splices it.
-    A part's totals are those of its own files; they change by the replaced ones."""
-    lower = reader.part(oid)
+def _splice_part(w: Writer, reader: Reader, oid: bytes, lower: Tree,
+                 changes: dict[bytes, Entry], fresh: set[bytes]) -> tuple[tuple[bytes, int], Tree]:
+    """Part ``oid`` (decoded: ``lower``) with entries replaced, names unchanged -> (part,
+    its tree); the new part is handed to the reader, where the next commit on top of this
+    one splices it. A part's totals are those of its own files; they change by the
+    replaced ones."""
     tally = Tally(lower.total_bytes, lower.total_files)
     for name, e in changes.items():
         old = lower.get(name)
@@ -451,12 +502,15 @@ def _splice_part(w: Writer, reader: Reader, oid: bytes, changes: dict[bytes, Ent
     new.payload = payload
     new_oid = _put_dir(w, payload, list(changes.values()), fresh)
     reader.remember(new_oid, new)
-    return (new_oid, len(new.entries)), new
+    return (new_oid, new.size), new
 
 
-def _put_part(w: Writer, run: list[Entry], fresh: set[bytes] | None) -> tuple[bytes, int]:
-    payload, _, _ = encode_tree(run)
-    return _put_dir(w, payload, run, fresh), len(run)
+def _put_part(w: Writer, run: list[Entry],
+              fresh: set[bytes] | None) -> tuple[tuple[bytes, int], Tree]:
+    """Store a part -> ((its id, entries), its tree, which can be spliced)."""
+    payload, nbytes, nfiles = encode_tree(run)
+    pt = Tree(run, nbytes, nfiles, payload=payload)
+    return (_put_dir(w, payload, run, fresh), len(run)), pt
 
 
 def _put_index(w: Writer, parts: list[tuple[bytes, int]], n: int, tally: Tally,
@@ -706,23 +760,17 @@ class Reader:
         if payload[:8] != INDEX_MAGIC:
             return self._decode(payload)
         total_bytes, total_files, n, parts = decode_index(payload)
-        entries: list[Entry] = []
         part_trees = [self.part(part) for part, _ in parts]
+        last: bytes | None = None
         for (part, count), pt in zip(parts, part_trees, strict=True):
-            run = pt.entries
-            if len(run) != count or not run or (entries and entries[-1].name >= run[0].name):
+            if len(pt.entries) != count or not count or (last is not None
+                                                        and last >= pt.entries[0].name):
                 raise Corrupt(f"part {part.hex()} does not fit tree index {oid.hex()}")
-            entries += run
-        if len(entries) != n:
+            last = pt.entries[-1].name
+        if sum(count for _, count in parts) != n:
             raise Corrupt(f"tree index {oid.hex()} miscounts its entries")
         self._decoded(n)
-        # Names (and, for a commit's reader, totals) from the parts, which keep theirs: a
-        # new version of a big directory shares all but a few parts with the last one. A
-        # mount never asks for totals, and would count every part once for nothing.
-        tally = (Tally.of_parts((pt.tally for pt in part_trees), total_bytes, total_files)
-                 if self.keep_payloads else None)
-        return _split_tree(entries, [pt.names for pt in part_trees], parts, total_bytes,
-                           total_files, tally)
+        return SplitTree(part_trees, parts, n, total_bytes, total_files)
 
     def _part_tree(self, oid: bytes) -> Tree:
         written = self._take_written(oid)
@@ -732,9 +780,9 @@ class Reader:
         with self._written_lock:
             written = self._written.pop(oid, None)
             if written is not None:
-                self._written_items -= len(written.entries)
+                self._written_items -= written.size
         if written is not None:
-            self._decoded(len(written.entries))  # held from now on, as if decoded
+            self._decoded(written.size)  # held from now on, as if decoded
         return written
 
     def _decode(self, payload: bytes) -> Tree:
@@ -755,9 +803,9 @@ class Reader:
         with self._written_lock:
             old = self._written.pop(oid, None)
             self._written[oid] = tree
-            self._written_items += len(tree.entries) - (len(old.entries) if old else 0)
+            self._written_items += tree.size - (old.size if old else 0)
             while len(self._written) > WRITTEN_MAX or self._written_items > WRITTEN_ITEMS:
-                self._written_items -= len(self._written.popitem(last=False)[1].entries)
+                self._written_items -= self._written.popitem(last=False)[1].size
 
     def payload(self, oid: bytes) -> bytes:
         """A tree object's encoded bytes (verified)."""
