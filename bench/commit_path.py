@@ -38,7 +38,7 @@ from bench.corpus import (  # noqa: E402
     write_result,
 )
 from bench.mcts import POOL, pct, pick  # noqa: E402
-from oppiefs import overlay, tree  # noqa: E402
+from oppiefs import fs, overlay, tree  # noqa: E402
 
 PHASES = ("apply", "publish", "total", "apply_cpu", "publish_cpu")
 COUNTS = ("publish_writes", "publish_kib")
@@ -119,6 +119,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "commit_path.json")
     args = ap.parse_args()
+    fs.tune_gc()  # as the daemon does
     trees = {"generated": generated_tree, "linux": linux_tree,
              "linux-sample": linux_sample_tree}
     results = {}

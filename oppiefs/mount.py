@@ -30,7 +30,7 @@ import trio
 from . import overlay, tree
 from .control import Control
 from .errors import Busy, InvalidArgument, NotFound, NotMounted, OppieError
-from .fs import STATS_ENV, Operations, serve_requests, watch_signals
+from .fs import STATS_ENV, Operations, serve_requests, tune_gc, watch_signals
 from .state import StateManager
 from .store import lock_file
 from .trees import TreeServer, mountpoint_of
@@ -120,6 +120,7 @@ def serve(mountpoint: str, store_dir: Path, *, options: list[str] | None = None,
     stats = os.environ.pop(STATS_ENV, None)  # the tree server counts (it serves the trees)
     if stats:
         signal.signal(signal.SIGUSR1, lambda *_: os.kill(trees.pid, signal.SIGUSR1))
+    tune_gc()
     state = StateManager(store, mountpoint, trees_mnt)
     ops = Operations(Vfs(state.reader), Control(state), state.node_paths,
                      snapshots_link=os.fsencode(trees_mnt / "snapshots"),

@@ -38,7 +38,7 @@ import trio
 
 from . import overlay, tree
 from .errors import OppieError
-from .fs import Operations, serve_requests, watch_signals
+from .fs import Operations, serve_requests, tune_gc, watch_signals
 from .vfs import SNAPSHOTS_INO, Vfs
 
 log = logging.getLogger("oppiefs.trees")
@@ -137,6 +137,7 @@ def serve_trees(store_dir: Path, mountpoint: str, ipc: socket.socket,
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)  # the daemon died: unmount and go
     if os.getppid() == 1:
         return  # it died before we asked
+    tune_gc()
     store = tree.open_store(store_dir, create=False)
     ops = Operations(Vfs(tree.Reader(store)))
     opts = set(pyfuse3.default_options) | {f"fsname={FSNAME}", "subtype=oppiefs", "ro"}
