@@ -717,8 +717,8 @@ class Reader:
                  big_budget: int = BIG_BUDGET, *, keep_payloads: bool = False) -> None:
         self.store = store
         # A commit's reader keeps the encoded bytes of one-object trees for splicing (a
-        # store read per directory less), with their record offsets, and the totals of
-        # split directories from their parts; a mount's would only grow by them.
+        # store read per directory less), with their record offsets; a mount's would only
+        # grow by them.
         self.keep_payloads = keep_payloads
         self.tree: Callable[[bytes], Tree] = functools.lru_cache(maxsize=trees)(self._tree)
         # Parts of split directories on their own too: a new version of a big directory
