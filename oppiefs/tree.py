@@ -167,7 +167,7 @@ class SplitTree(Tree):
     def __init__(self, part_trees: list[Tree], parts: list[tuple[bytes, int]], size: int,
                  total_bytes: int, total_files: int, lasts: list[bytes] | None = None) -> None:
         """``size``: its entries; ``lasts``: its parts' last names, if the caller has them
-        (a commit carries them over from the last version)."""
+        (a decode checks them, a commit carries them over from the last version)."""
         self.part_trees, self.parts, self._size = part_trees, parts, size
         self.total_bytes, self.total_files = total_bytes, total_files
         self._index, self.payload = None, None
@@ -761,16 +761,16 @@ class Reader:
             return self._decode(payload)
         total_bytes, total_files, n, parts = decode_index(payload)
         part_trees = [self.part(part) for part, _ in parts]
-        last: bytes | None = None
+        lasts: list[bytes] = []  # the parts' last names, which lookups bisect
         for (part, count), pt in zip(parts, part_trees, strict=True):
-            if len(pt.entries) != count or not count or (last is not None
-                                                        and last >= pt.entries[0].name):
+            if len(pt.entries) != count or not count or (lasts and
+                                                        lasts[-1] >= pt.entries[0].name):
                 raise Corrupt(f"part {part.hex()} does not fit tree index {oid.hex()}")
-            last = pt.entries[-1].name
+            lasts.append(pt.entries[-1].name)
         if sum(count for _, count in parts) != n:
             raise Corrupt(f"tree index {oid.hex()} miscounts its entries")
         self._decoded(n)
-        return SplitTree(part_trees, parts, n, total_bytes, total_files)
+        return SplitTree(part_trees, parts, n, total_bytes, total_files, lasts)
 
     def _part_tree(self, oid: bytes) -> Tree:
         written = self._take_written(oid)
