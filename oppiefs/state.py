@@ -37,7 +37,7 @@ from typing import Any
 from . import overlay, tree
 from .errors import InvalidArgument, NotFound, OppieError
 from .store import LOG_KEEP, Store
-from .sweeper import Sweeper
+from .sweeper import BusyFlag, Sweeper
 
 log = logging.getLogger("oppiefs.state")
 
@@ -90,6 +90,7 @@ class StateManager:
         self._last_active = 0.0
         self._last_kind = ""
         self._pause_after: dict[str, float] = {}
+        self.busy_flag = BusyFlag()  # _active, for the sweeper's child (it yields to commands)
         self._trash_error = ""  # the last failure to empty the trash (logged once)
         # Called with a snapshot id when it leaves the listing (the mount drops its dentry).
         self.on_released: Callable[[str], None] = lambda snapshot_id: None
@@ -137,11 +138,13 @@ class StateManager:
                 self._pause_after[self._last_kind] = (
                     pause if seen is None else seen + (pause - seen) / PAUSE_EWMA)
             self._active += 1
+            self.busy_flag.set(True)
         try:
             yield
         finally:
             with self._lock:
                 self._active -= 1
+                self.busy_flag.set(self._active > 0)
                 self._last_active = time.monotonic()
                 self._last_kind = kind
 
@@ -387,7 +390,7 @@ class StateManager:
         ``interval`` seconds (which also applies commits' logged references). Its
         transactions go in the gaps between commands, paced (``_paced``); the sweeping
         itself runs in a child process (sweeper.py), off this process's GIL."""
-        sweeper = Sweeper(self.store)
+        sweeper = Sweeper(self.store, self.busy_flag)
         try:
             while not stop.is_set():
                 self.gc_wanted.wait(interval)

@@ -1227,16 +1227,18 @@ class Store:
     # -- garbage collection ---------------------------------------------------------------
 
     def sweep(self, batch: int = 2000, between: Callable[[], int | None] | None = None,
-              keep: int = LOG_KEEP) -> tuple[int, int]:
+              keep: int = LOG_KEEP, yield_to: Callable[[], bool] | None = None
+              ) -> tuple[int, int]:
         """Delete unreferenced objects no in-flight session can need; returns (n, bytes).
 
         Works in transactions of up to ``batch`` deletions (``_sweep_batch``), which leave
         the newest ``keep`` parent records of the increment log unapplied (0: apply it all,
         as an explicit ``gc`` does); a background sweeper passes a ``between`` hook (which
         paces it between commands, and may answer the next transaction's batch) so commits
-        never wait long for the write lock. Then, once ``FRESH_MERGE`` fresh records have
-        piled up, it merges them into ``slots`` (after the deletions: the dead entries need
-        no merging).
+        never wait long for the write lock, and may pass ``yield_to``, true while a command
+        waits: a transaction then ends after its current deletion. Then, once
+        ``FRESH_MERGE`` fresh records have piled up, it merges them into ``slots`` (after
+        the deletions: the dead entries need no merging).
         """
         while self.write(self._drain_backlog, "apply references"):
             if between:
@@ -1245,7 +1247,8 @@ class Store:
         while True:
             self._prefetch(batch)
             n, nbytes, more = self.write(
-                functools.partial(self._sweep_batch, batch=batch, keep=keep), "gc sweep")
+                functools.partial(self._sweep_batch, batch=batch, keep=keep,
+                                  yield_to=yield_to), "gc sweep")
             total_n += n
             total_bytes += nbytes
             if not more:
@@ -1265,10 +1268,11 @@ class Store:
             self.merge_fresh(FRESH_MERGE, between)
         return total_n, total_bytes
 
-    def _sweep_batch(self, txn: lmdb.Transaction, batch: int,
-                     keep: int = LOG_KEEP) -> tuple[int, int, bool]:
-        """Delete up to ``batch`` unreferenced objects, settling the increment log with
-        them; returns (objects gone, bytes freed, more to do).
+    def _sweep_batch(self, txn: lmdb.Transaction, batch: int, keep: int = LOG_KEEP,
+                     yield_to: Callable[[], bool] | None = None) -> tuple[int, int, bool]:
+        """Delete up to ``batch`` unreferenced objects (fewer once ``yield_to`` turns true),
+        settling the increment log with them; returns (objects gone, bytes freed, more to
+        do).
 
         An object's true count is its applied count plus its logged increments (``_LogSum``).
         Deleting an object takes one from each of its children, and a child left at zero
@@ -1284,10 +1288,10 @@ class Store:
         once, at the end, and only where they changed.
         """
         with self._logsum.lock:
-            return self._sweep_locked(txn, batch, keep)
+            return self._sweep_locked(txn, batch, keep, yield_to)
 
-    def _sweep_locked(self, txn: lmdb.Transaction, batch: int,
-                      keep: int) -> tuple[int, int, bool]:
+    def _sweep_locked(self, txn: lmdb.Transaction, batch: int, keep: int,
+                      yield_to: Callable[[], bool] | None) -> tuple[int, int, bool]:
         """``_sweep_batch``, holding the log's sum.
 
         Whether a child of a deleted object is left at zero needs its applied count, and
@@ -1348,6 +1352,9 @@ class Store:
         gone: set[bytes] = set()
         nbytes = freed = 0
         while stack and len(gone) < batch:
+            if yield_to is not None and gone and yield_to():
+                more = True  # what is left goes in a later transaction
+                break
             oid = stack.pop()
             if oid in gone:
                 continue

@@ -20,7 +20,7 @@ import pytest
 from oppiefs import overlay, tree
 from oppiefs.errors import Busy, NotFound, Unsupported
 from oppiefs.store import FORMAT, KIND_CHUNK, Store, _lock_use, compact
-from oppiefs.sweeper import Sweeper
+from oppiefs.sweeper import BusyFlag, Sweeper
 from tests.treeutil import commit_upper
 
 
@@ -476,6 +476,36 @@ def test_the_sweeper_child_sweeps_and_asks_between_transactions(
         sweeper.close()
     assert child.wait(10) == 0
     assert store.stats().objects == 0 and store.check() == []
+
+
+@pytest.mark.parametrize("where", ["child", "here"])
+def test_a_sweep_yields_to_a_command_after_each_deletion(
+        store: Store, tmp_path: Path, where: str) -> None:
+    """While the busy flag is set, a sweep transaction (in the child, or in this process
+    when the child cannot run) ends after its first deletion, so a command waits for one
+    deletion, not a batch; the sweep still frees everything, and the counts stay exact."""
+    files = {f"d{i}/f{j}": os.urandom(200) for i in range(4) for j in range(20)}
+    store.release(tree.import_dir(store, _tree(tmp_path / "src", files)).root)
+    busy = BusyFlag()
+    busy.set(True)
+    held: list[float] = []
+    child = None if where == "child" else [sys.executable, "-c", "raise SystemExit(3)"]
+    sweeper = Sweeper(store, busy, child)
+    try:
+        n, _ = sweeper.sweep(1000, held.append, threading.Event())
+    finally:
+        sweeper.close()
+    assert n == 85 and len(held) == 84  # one question per transaction but the first
+    assert store.stats().objects == 0 and store.check() == []
+    busy.set(False)
+    store.release(tree.import_dir(store, _tree(tmp_path / "src2", files)).root)
+    held.clear()
+    sweeper = Sweeper(store, busy)
+    try:
+        assert sweeper.sweep(1000, held.append, threading.Event())[0] == 85
+    finally:
+        sweeper.close()
+    assert held == []  # idle: one transaction
 
 
 def test_a_sweep_the_child_cannot_do_runs_here(store: Store, tmp_path: Path,
