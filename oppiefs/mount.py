@@ -149,6 +149,7 @@ def serve(mountpoint: str, store_dir: Path, *, options: list[str] | None = None,
     finally:
         stop_gc.set()
         state.gc_wanted.set()
+        state.wake()
         state.detach_all()
         state.mounter.close()
         pyfuse3.close(unmount=True)

@@ -44,6 +44,7 @@ log = logging.getLogger("oppiefs.state")
 GC_GAP_S = 1.0
 GC_IDLE_S = 0.02  # the sweeper works in the gaps between commands ...
 GC_MAX_DEFER_S = 2.0  # ... but waits no longer than this for one
+STOP_POLL_S = 0.1  # how soon a wait for a pause sees ``stop`` set without a wake()
 # Objects one sweeper transaction may delete (each holds up commits while it runs: see
 # Store._sweep_batch).
 SWEEP_BATCH = 256
@@ -91,6 +92,7 @@ class StateManager:
         self._last_kind = ""
         self._pause_after: dict[str, float] = {}
         self.busy_flag = BusyFlag()  # _active, for the sweeper's child (it yields to commands)
+        self._idle = threading.Condition(self._lock)  # notified when the last command ends
         self._trash_error = ""  # the last failure to empty the trash (logged once)
         # Called with a snapshot id when it leaves the listing (the mount drops its dentry).
         self.on_released: Callable[[str], None] = lambda snapshot_id: None
@@ -147,6 +149,13 @@ class StateManager:
                 self.busy_flag.set(self._active > 0)
                 self._last_active = time.monotonic()
                 self._last_kind = kind
+                if not self._active:
+                    self._idle.notify_all()
+
+    def wake(self) -> None:
+        """Wake the sweeper's wait for a pause (it then finds its ``stop`` set)."""
+        with self._idle:
+            self._idle.notify_all()
 
     def _wait_idle(self, stop: threading.Event, rest: float | None = None,
                    need: float | None = None) -> float | None:
@@ -158,16 +167,22 @@ class StateManager:
         began it) to last ``need`` seconds more: returns how long, then (else None)."""
         start = time.monotonic()
         limit = GC_MAX_DEFER_S if rest is None else min(rest, GC_MAX_DEFER_S)
-        while not stop.is_set():
-            now = time.monotonic()
-            quiet = now - self._last_active >= GC_IDLE_S or now - start >= limit
-            if now - start >= GC_MAX_DEFER_S or (quiet and not self._active):
-                return None
-            if need is not None and not self._active:
-                ahead = self._pause_after.get(self._last_kind, 0.0) - (now - self._last_active)
-                if ahead >= need:
-                    return ahead
-            stop.wait(GC_IDLE_S / 4 if now - start < limit and need is None else 0.0005)
+        with self._idle:
+            while not stop.is_set():
+                now = time.monotonic()
+                quiet = now - self._last_active >= GC_IDLE_S or now - start >= limit
+                if now - start >= GC_MAX_DEFER_S or (quiet and not self._active):
+                    return None
+                if need is not None and not self._active:
+                    ahead = self._pause_after.get(self._last_kind, 0.0) - (now - self._last_active)
+                    if ahead >= need:
+                        return ahead
+                # Nothing changes before the next command ends (notified) or a deadline. A
+                # poll instead took this process's GIL every 0.5 ms, from the commands too.
+                deadline = start + GC_MAX_DEFER_S
+                if not self._active:
+                    deadline = min(deadline, self._last_active + GC_IDLE_S, start + limit)
+                self._idle.wait(min(max(deadline - now, 0.0), STOP_POLL_S))
         return None
 
     def _paced(self, stop: threading.Event) -> Callable[[float], int | None]:
