@@ -78,7 +78,7 @@ class StateManager:
         self.node_root.mkdir(exist_ok=True)
         overlay.spread_subdirs(str(self.node_root))
         self.mounter = overlay.Mounter()  # overlays are mounted from a helper process
-        self._lock = threading.Lock()  # guards _node_locks and _links
+        self._lock = threading.Lock()  # guards _node_locks, _links and the command tracking
         self._node_locks: dict[str, threading.Lock] = {}
         self._links: dict[str, str] = {}
         self.gc_wanted = threading.Event()
@@ -190,9 +190,9 @@ class StateManager:
         write lock; answers the next transaction's batch. It works in quiet gaps between
         commands, so it holds up none; a busy search loop leaves none, and once the
         sweeper is that far behind (``GC_DEBT`` unapplied commits) it works instead in a
-        pause that fits at least ``SWEEP_MIN_BATCH`` deletions, sized to the pause (taking
-        the lock just before the next command arrives makes it wait for the whole
-        transaction), and after resting ``GC_REST`` x as long as it held the lock at the
+        pause that fits at least ``SWEEP_MIN_BATCH`` deletions, sized to the pause (a
+        command that arrives during a transaction waits for its current deletion and its
+        commit: ``BusyFlag``), and after resting ``GC_REST`` x as long as it held the lock at the
         first moment no command is in progress: it holds the lock at most 1 / (1 + GC_REST)
         of the time outside such pauses, and the store stays bounded."""
         behind = False
