@@ -319,6 +319,9 @@ def splice_tree(payload: bytes, lower: Tree, changes: dict[bytes, Entry | None],
     biggest part of a commit on a tree of big directories). ``tally`` holds the new totals.
     """
     offsets, old_names = lower.offsets, lower.names
+    same = _replaced_in_place(payload, lower, changes, tally)
+    if same is not None:
+        return same
     pieces = [TREE_MAGIC, b""]
     entries: list[Entry] = []
     names: list[bytes] = []
@@ -350,6 +353,37 @@ def splice_tree(payload: bytes, lower: Tree, changes: dict[bytes, Entry | None],
     pieces[1] = _HEAD.pack(tally.bytes, tally.files, len(entries))
     new = Tree(entries, tally.bytes, tally.files)
     new.__dict__["names"], new.__dict__["offsets"] = names, starts  # the cached properties
+    return b"".join(pieces), new
+
+
+def _replaced_in_place(payload: bytes, lower: Tree, changes: dict[bytes, Entry | None],
+                       tally: Tally) -> tuple[bytes, Tree] | None:
+    """``splice_tree`` when every change replaces an entry by one of the same record size
+    (a directory on a changed path, a file rewritten: the common case), else None.
+
+    Names, positions and offsets are then those of ``lower``: the new tree shares its
+    lists and its name index (trees are never changed once built), so this costs one
+    list copy and a few slices, and the next commit's first lookup finds the index built.
+    """
+    offsets = lower.offsets
+    at: list[tuple[int, Entry]] = []
+    for name, e in changes.items():
+        i = lower.index_of(name)
+        if e is None or i is None or _record_size(e) != offsets[i + 1] - offsets[i]:
+            return None
+        at.append((i, e))
+    at.sort()
+    entries = lower.entries.copy()
+    pieces = [TREE_MAGIC, _HEAD.pack(tally.bytes, tally.files, len(entries))]
+    pos = offsets[0]
+    for i, e in at:
+        pieces.append(payload[pos:offsets[i]])
+        _pack_entry(pieces, e)
+        entries[i] = e
+        pos = offsets[i + 1]
+    pieces.append(payload[pos:])
+    new = Tree(entries, tally.bytes, tally.files, _index=lower._index)
+    new.__dict__["names"], new.__dict__["offsets"] = lower.names, offsets
     return b"".join(pieces), new
 
 

@@ -64,6 +64,46 @@ def test_splice_equals_a_fresh_encoding(seed: int) -> None:
         assert new.get(name) == decoded.get(name)
 
 
+def _same_size(rng: random.Random, e: tree.Entry) -> tree.Entry:
+    """Another entry of the same name whose record has the same size (what a commit
+    writes for a directory on a changed path, or a rewritten file)."""
+    if e.type == tree.T_SYMLINK:
+        return e._replace(target=rng.randbytes(len(e.target)), mtime_ns=rng.randrange(1 << 60))
+    kind = e.type if e.type == tree.T_DIR else rng.choice([tree.T_FILE, tree.T_CHUNKED])
+    return e._replace(type=kind, ref=rng.randbytes(32), size=rng.randrange(1 << 40),
+                      mode=rng.choice([0o644, 0o755]), mtime_ns=rng.randrange(1 << 60))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_replacing_entries_in_place_equals_a_fresh_encoding(seed: int) -> None:
+    """Replacements of same-size records keep names and offsets: the new tree shares them
+    (and the name index) with the old one, which must stay as it was; chained splices on
+    top still equal fresh encodings."""
+    rng = random.Random(seed)
+    names = sorted({rng.randbytes(rng.randrange(1, 12)) for _ in range(rng.randrange(1, 120))})
+    entries = [_entry(rng, n) for n in names]
+    payload, _, _ = tree.encode_tree(entries, 1234, 5)
+    lower = tree.decode_tree(payload, offsets=True)
+    for _ in range(4):
+        before = list(lower.entries)
+        changes: dict[bytes, tree.Entry | None] = {
+            name: _same_size(rng, lower.get(name))
+            for name in rng.sample(names, rng.randrange(1, min(len(names), 8) + 1))}
+        want = with_changes(entries, changes)
+        expected, _, _ = tree.encode_tree(want, 1234, 5)
+        spliced, new = tree.splice_tree(payload, lower, changes, _tally(want))
+        assert spliced == expected
+        decoded = tree.decode_tree(expected, offsets=True)
+        assert (new.entries, new.names, new.offsets, new.total_bytes, new.total_files) == (
+            decoded.entries, decoded.names, decoded.offsets, decoded.total_bytes,
+            decoded.total_files)
+        assert lower.entries == before  # the lower tree is left as it was
+        for name in names:
+            assert new.get(name) == decoded.get(name)
+            assert lower.get(name) == before[names.index(name)]
+        payload, lower, entries = spliced, new, want
+
+
 def test_commit_logs_its_directories_and_the_sweeper_counts_their_children(
         store: Store, tmp_path: Path) -> None:
     src = tmp_path / "src"
