@@ -318,10 +318,10 @@ def splice_tree(payload: bytes, lower: Tree, changes: dict[bytes, Entry | None],
     number of changes, not the size of the directory (encoding every entry again was the
     biggest part of a commit on a tree of big directories). ``tally`` holds the new totals.
     """
-    offsets, old_names = lower.offsets, lower.names
     same = _replaced_in_place(payload, lower, changes, tally)
     if same is not None:
         return same
+    offsets, old_names = lower.offsets, lower.names
     pieces = [TREE_MAGIC, b""]
     entries: list[Entry] = []
     names: list[bytes] = []
@@ -381,7 +381,7 @@ def _replaced_in_place(payload: bytes, lower: Tree, changes: dict[bytes, Entry |
         _pack_entry(pieces, e)
         entries[i] = e
         pos = offsets[i + 1]
-    pieces.append(payload[pos:])
+    pieces.append(payload[pos:offsets[-1]])
     new = Tree(entries, tally.bytes, tally.files, _index=lower._index)
     new.__dict__["names"], new.__dict__["offsets"] = lower.names, offsets
     return b"".join(pieces), new
