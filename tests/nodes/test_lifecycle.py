@@ -111,6 +111,35 @@ def test_drop_of_busy_node(mdaemon, shared):
     fsck_clean(mdaemon.store)
 
 
+def test_commit_refuses_special_files_and_leaves_the_node_usable(mdaemon, shared):
+    """A FIFO (or socket, device) left in a node cannot be stored: the commit names it, adds
+    nothing, and commits once it is gone. Extended attributes are not stored (README)."""
+    c, snap, _ = shared
+    node = c.fork(snap)
+    try:
+        merged = Path(node.path)
+        (merged / "kept.txt").write_text("kept\n")
+        os.setxattr(merged / "kept.txt", "user.agent", b"note")
+        os.mkfifo(merged / "sub" / "pipe")
+        before = c.status()
+        with pytest.raises(OppieError) as exc:
+            c.commit(node)
+        assert exc.value.errno == errno.EOPNOTSUPP
+        assert "sub/pipe" in exc.value.message and "FIFO" in exc.value.message
+        assert c.status() == before  # nothing published, nothing stored
+        assert os.getxattr(merged / "kept.txt", "user.agent") == b"note"  # the node as it was
+        os.unlink(merged / "sub" / "pipe")
+        child = c.commit(node)
+        shown = mdaemon.mnt / "snapshots" / child / "kept.txt"
+        assert shown.read_text() == "kept\n"
+        assert os.listxattr(shown) == []
+        assert_same_tree(merged, mdaemon.mnt / "snapshots" / child)
+        c.prune(child)
+    finally:
+        c.drop(node)
+    fsck_clean(mdaemon.store)
+
+
 def test_log_prints_lineage(mdaemon, shared):
     c, s0, _ = shared
     n1 = c.fork(s0)
