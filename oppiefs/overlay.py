@@ -29,6 +29,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -61,14 +62,19 @@ def _check(ret: int, what: str) -> None:
         raise OSError(err, os.strerror(err), what)
 
 
+def _escaped(path: str) -> str:
+    """A path as overlay's options take it: ',' ends an option and ':' a lower layer, so
+    both are escaped with a backslash (and so is the backslash). /proc/self/mountinfo
+    shows them so too (``overlays_on``)."""
+    return path.replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
+
+
 def mount_overlay(lower: str, upper: str, work: str, merged: str) -> None:
-    for p in (lower, upper, work):
-        if "," in p or ":" in p:
-            raise Unsupported(f"overlay cannot use a path containing ',' or ':': {p}")
-    opts = f"lowerdir={lower},upperdir={upper},workdir={work},{OVERLAY_OPTIONS}"
+    opts = (f"lowerdir={_escaped(lower)},upperdir={_escaped(upper)},"
+            f"workdir={_escaped(work)},{OVERLAY_OPTIONS}")
     try:
-        _check(_libc.mount(b"oppiefs-node", merged.encode(), b"overlay",
-                           MS_NOSUID | MS_NODEV, opts.encode()), merged)
+        _check(_libc.mount(b"oppiefs-node", os.fsencode(merged), b"overlay",
+                           MS_NOSUID | MS_NODEV, os.fsencode(opts)), merged)
     except OSError as exc:
         raise from_oserror(exc, f"mount overlay at {merged}") from exc
 
@@ -205,6 +211,9 @@ class MountInfo(NamedTuple):
     device: str = ""  # major:minor, names the mount's /sys/class/bdi entry
 
 
+_OVL_UNESCAPE = re.compile(r"\\(.)")  # undoes ``_escaped``
+
+
 def _unescape(field: str) -> str:
     return field.encode().decode("unicode_escape").encode("latin-1").decode(
         "utf-8", "surrogateescape")
@@ -248,8 +257,9 @@ def overlays_on(lower_prefix: str) -> list[str]:
     for m in mounts():
         if m.fstype != "overlay":
             continue
-        for opt in m.options.split(","):
-            if opt.startswith("lowerdir=") and _unescape(opt[9:]).startswith(prefix):
+        for opt in m.options.split(","):  # a ',' in a value is shown as \054
+            if opt.startswith("lowerdir=") and _OVL_UNESCAPE.sub(
+                    r"\1", _unescape(opt[9:])).startswith(prefix):
                 found.append(m.mountpoint)
     return found
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from oppiefs import overlay
 from oppiefs.client import Client
 from oppiefs.errors import Busy, InvalidArgument, NotFound, NotMounted, OppieError
 from tests.cliutil import OPPIEFS, Cli
@@ -346,10 +347,15 @@ def test_nodes_survive_unmount_and_remount(tmp_path):
     assert mounts_under(tmp_path) == []
 
 
-def test_nodes_survive_kill_9(tmp_path):
-    """After a crash, ``oppiefs mount`` (background) returns only once nodes are back."""
+@pytest.mark.parametrize("store_name", ["store", "st,o:re\\ x"], ids=["plain", "separators"])
+def test_nodes_survive_kill_9(tmp_path, store_name):
+    """After a crash, ``oppiefs mount`` (background) returns only once nodes are back.
+
+    Also with a store path holding what overlay's options separate with (',' and ':'),
+    their escape character and a space: node overlays are mounted, found again after the
+    crash (mountinfo shows those paths escaped) and unmounted by ``oppiefs umount``."""
     src = make_src(tmp_path / "src")
-    d = Daemon(tmp_path / "mnt", tmp_path / "store").start()
+    d = Daemon(tmp_path / "mnt", tmp_path / store_name).start()
     remounted = False
     try:
         nodes, metas, committed, _ = _prepare_nodes(d, src)
@@ -365,7 +371,13 @@ def test_nodes_survive_kill_9(tmp_path):
         # Stale overlays on the dead mount were replaced, not stacked.
         overlays = [mp for mp, fs in mounts_under(tmp_path) if fs == "overlay"]
         assert sorted(overlays) == sorted(str(d.store / "nodes" / n / "merged") for n in nodes)
+        assert sorted(overlay.overlays_on(str(d.store / "trees"))) == sorted(overlays)
         _check_nodes(d, nodes, metas, committed, committed_meta)
+        res = subprocess.run([*OPPIEFS, "umount", str(d.mnt)], capture_output=True, text=True,
+                             timeout=60)
+        assert res.returncode == 0, res.stderr
+        remounted = False
+        assert mounts_under(tmp_path) == []
     finally:
         if remounted:
             subprocess.run([*OPPIEFS, "umount", str(d.mnt)], capture_output=True, timeout=60)
