@@ -56,7 +56,10 @@ A lookup tries ``slots``, then the fresh records, which every process keeps deco
 (``_FreshIndex``). A sweep deletes a fresh object where it is (its data and count); an
 entry whose count is gone is dead, lookups pass over it and the merge leaves it out. In a
 search loop most commits are pruned soon after, so most of their ids are never inserted
-into ``slots`` at all.
+into ``slots`` at all (a sweep leaves the newest records unmerged). A large import's
+batches are indexed so too, and merged in one pass when it publishes: random inserts batch
+after batch rewrote most of ``slots`` each time, and the scattered pages that freed made
+every later commit's writes scattered too.
 
 Children of TREE and LIST objects are needed to adjust counts; the codec lives in tree.py
 and is injected as ``children_of`` so this module knows nothing about tree layout.
@@ -112,11 +115,23 @@ _U64 = struct.Struct("<Q")
 # The layout this code reads and writes, kept in meta ``format`` (absent: older layouts,
 # which open() migrates). 1: objects keyed by slot; 2: and the fresh records.
 FORMAT = 2
-# A batch with more new objects than this indexes them in ``slots`` at once (an import): the
-# fresh records are for the few objects of a commit, and every process holds them decoded.
+# A published batch with more new objects than this indexes them in ``slots`` at once (the
+# last of an import; the earlier ones wait in fresh records: see Writer). Fresh records are
+# for the few objects of a commit, and every process holds them decoded.
 FRESH_BATCH_MAX = 256
 FRESH_MERGE = 256  # fresh records at which a sweep merges them (a few seconds of commits)
+# Fresh records a sweep leaves unmerged, newest first. Most of a search loop's commits are
+# pruned within a few iterations: their ids then go from their record, never having been
+# inserted into ``slots`` (a random leaf each on a large store) and deleted from it again.
+# Those leaf writes were most of what a kernel-tree sweep wrote, and the pages they freed,
+# scattered over the whole file, were where every later commit's pages went: a separate
+# write for the fsync to wait for, each (see bench/RESULTS.md).
+FRESH_KEEP = 128
 FRESH_MAX = 1024  # fresh records a commit may find before it merges some itself
+# Ids a writer's batches may leave in fresh records until it publishes (see Writer): an
+# import's whole index merged in one sorted pass, with every process holding the ids
+# decoded meanwhile (~220 B each).
+FRESH_DEFER_MAX = 1 << 17
 # Records merged per transaction: a merge holds the write lock, and a commit waiting for it
 # waits for every random insert it makes (256 records at once stalled a commit 180 ms).
 FRESH_MERGE_CHUNK = 16
@@ -735,37 +750,47 @@ class Store:
             last = int.from_bytes(cur.key(), "big")
         return self._fresh.lookup(txn, self.db["fresh"], first, last, oid)
 
-    def _append_fresh(self, txn: lmdb.Transaction, first_slot: int, oids: list[bytes]) -> None:
-        """Index a batch's new objects (slots ``first_slot``... in order) as one record."""
+    def _append_fresh(self, txn: lmdb.Transaction, first_slot: int, oids: list[bytes]) -> int:
+        """Index a batch's new objects (slots ``first_slot``... in order) as one record;
+        returns its key."""
         seq = self._append_seq(txn, "fresh", b"fseq",
                                first_slot.to_bytes(8, "big") + b"".join(oids))
         if self._own_from is None:
             self._own_from = seq
         for j, oid in enumerate(oids):
             self._own[oid] = (first_slot + j).to_bytes(8, "big")
+        return seq
 
-    def _merge_fresh(self, txn: lmdb.Transaction, records: int | None = None) -> int:
-        """Move the live entries of the oldest ``records`` fresh records (None: all) into
-        ``slots``, in id order (neighbours share leaves); returns how many moved. An id
-        has at most one live entry (it is stored again only once swept), so records can
-        go in any number."""
+    def _merge_fresh(self, txn: lmdb.Transaction, records: int | None = None,
+                     keys: Collection[int] = ()) -> int:
+        """Move the live entries of the oldest ``records`` fresh records (None: all), or of
+        the records ``keys`` (a writer's own), into ``slots``, in id order (neighbours
+        share leaves); returns how many moved. An id has at most one live entry (it is
+        stored again only once swept), so records can go in any number, and in any order:
+        a lookup tries ``slots`` first, and a record merged from between others leaves a
+        gap that readers pass over."""
         fresh, counts, slots = self.db["fresh"], self.db["counts"], self.db["slots"]
-        cur = txn.cursor(db=fresh)
-        if not cur.first():
-            return 0
-        first = int.from_bytes(cur.key(), "big")
-        end = first + records - 1 if records is not None else 1 << 64
-        live = sorted((oid, slot) for oid, slot in _fresh_pairs(txn, fresh, first, end)
+        if keys:
+            spans = [(key, key) for key in sorted(keys)]
+        else:
+            cur = txn.cursor(db=fresh)
+            if not cur.first():
+                return 0
+            first = int.from_bytes(cur.key(), "big")
+            spans = [(first, first + records - 1 if records is not None else 1 << 64)]
+        live = sorted((oid, slot) for start, end in spans
+                      for oid, slot in _fresh_pairs(txn, fresh, start, end)
                       if txn.get(slot, db=counts) is not None)
         for oid, slot in live:
             txn.put(oid, slot, db=slots)
-        if records is None:
+        if records is None and not keys:
             txn.drop(fresh, delete=False)
             self._own.clear()
             self._own_from = None
         else:
-            for key in range(first, end + 1):  # records are numbered without gaps
-                txn.delete(key.to_bytes(8, "big"), db=fresh)
+            for start, end in spans:
+                for key in range(start, end + 1):  # a gap's delete finds nothing
+                    txn.delete(key.to_bytes(8, "big"), db=fresh)
         return len(live)
 
     def fresh_records(self) -> int:
@@ -773,18 +798,21 @@ class Store:
             return int(txn.stat(self.db["fresh"])["entries"])
 
     def merge_fresh(self, at_least: int = 1,
-                    between: Callable[[], object] | None = None) -> int:
-        """Merge the fresh records there are now into ``slots`` if there are ``at_least``
-        of them, in transactions of ``FRESH_MERGE_CHUNK`` records (``between`` runs
-        between two); returns how many ids moved."""
+                    between: Callable[[], object] | None = None, keep: int = 0) -> int:
+        """Merge the fresh records there are now, but for the newest ``keep``, into
+        ``slots`` if there are ``at_least`` of them, in transactions of
+        ``FRESH_MERGE_CHUNK`` records (``between`` runs between two); returns how many ids
+        moved."""
         todo = self.fresh_records()
         if todo < max(at_least, 1):
             return 0
+        todo -= keep
         moved = 0
         while todo > 0:
-            moved += self.write(lambda txn: self._merge_fresh(txn, FRESH_MERGE_CHUNK),
+            chunk = min(todo, FRESH_MERGE_CHUNK)
+            moved += self.write(functools.partial(self._merge_fresh, records=chunk),
                                 "merge fresh index")
-            todo -= FRESH_MERGE_CHUNK
+            todo -= chunk
             if todo > 0 and between:
                 between()
         return moved
@@ -971,8 +999,13 @@ class Store:
 
     def _write_batch(self, txn: lmdb.Transaction, batch: Batch, gen: int,
                      reused: Iterable[bytes] = (), files: dict[bytes, bytes] | None = None,
-                     heal: bool = False) -> None:
-        """Store a batch of objects (touching existing unreferenced ones so GC spares them).
+                     heal: bool = False, *, defer: bool = False) -> tuple[int, int] | None:
+        """Store a batch of objects (touching existing unreferenced ones so GC spares them);
+        returns (key, ids) of the fresh record it appended, if it did.
+
+        Ids of a batch of more than ``FRESH_BATCH_MAX`` new objects go straight into
+        ``slots`` unless ``defer``: then into a fresh record too, which the writer merges
+        when it publishes (``Writer``).
 
         References between objects new in this batch are counted directly (an imported file's
         chunks and its directory arrive together); only references to objects stored before
@@ -1019,7 +1052,7 @@ class Store:
         nbytes = 0
         data = self.db["data"]
         first = self._reserve_slots(txn, len(new)) if new else 0
-        index = len(new) > FRESH_BATCH_MAX
+        index = not defer and len(new) > FRESH_BATCH_MAX
         for n, (oid, (kind, payload, _, _)) in enumerate(new.items(), first):
             count = inside.get(oid, 0)
             slot = self._new_slot(txn, oid, count, n, index=index)
@@ -1028,8 +1061,9 @@ class Store:
             if not count and oid not in logged:
                 txn.put(oid, _U64.pack(gen), db=zero)
             nbytes += len(payload)
+        record = None
         if new and not index:
-            self._append_fresh(txn, first, list(new))
+            record = self._append_fresh(txn, first, list(new)), len(new)
             if txn.stat(self.db["fresh"])["entries"] > FRESH_MAX:  # the sweeper is behind
                 self._merge_fresh(txn, FRESH_MERGE_CHUNK)
         self._log_increments(txn, outside)
@@ -1038,6 +1072,7 @@ class Store:
             self._set_meta_int(txn, b"objects", self._meta_int(txn, b"objects") + len(new))
             self._set_meta_int(txn, b"stored_bytes",
                                self._meta_int(txn, b"stored_bytes") + nbytes)
+        return record
 
     def _heal(self, txn: lmdb.Transaction, oid: bytes, kind: bytes, payload: bytes) -> None:
         """Rewrite a stored copy that no longer matches its id with the good bytes at hand."""
@@ -1238,7 +1273,8 @@ class Store:
         never wait long for the write lock, and may pass ``yield_to``, true while a command
         waits: a transaction then ends after its current deletion. Then, once
         ``FRESH_MERGE`` fresh records have piled up, it merges them into ``slots`` (after
-        the deletions: the dead entries need no merging).
+        the deletions: the dead entries need no merging), but for the newest
+        ``FRESH_KEEP``, whose entries mostly die where they are.
         """
         while self.write(self._drain_backlog, "apply references"):
             if between:
@@ -1265,7 +1301,7 @@ class Store:
         if self.fresh_records() >= FRESH_MERGE:
             if between:
                 between()
-            self.merge_fresh(FRESH_MERGE, between)
+            self.merge_fresh(FRESH_MERGE, between, keep=FRESH_KEEP)
         return total_n, total_bytes
 
     def _sweep_batch(self, txn: lmdb.Transaction, batch: int, keep: int = LOG_KEEP,
@@ -1611,6 +1647,14 @@ class Writer:
     The GC session is registered only when a batch is written before publishing: objects
     that reach the store in the publishing transaction itself need no protection, so a
     small commit costs one transaction.
+
+    The ids of the batches written before publishing go into fresh records, which the
+    publishing transaction merges into ``slots`` in one sorted pass (every
+    ``FRESH_DEFER_MAX`` ids on the way). Indexed batch by batch, an import rewrote most
+    leaves of ``slots`` (random keys) in every batch, and the pages it freed, scattered
+    over the whole file, were where every later commit's pages went, each a separate
+    write for the fsync to wait for: twice as many as on a store compacted after the
+    import (bench/RESULTS.md).
     """
 
     def __init__(self, store: Store, batch_bytes: int, heal: bool = False) -> None:
@@ -1622,6 +1666,8 @@ class Writer:
         self.pending_bytes = 0
         self.reused: list[bytes] = []
         self.files: dict[bytes, bytes] = {}
+        self.deferred: list[int] = []  # keys of the fresh records of its batches so far
+        self.deferred_ids = 0
         self.closed = False
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -1661,10 +1707,21 @@ class Writer:
         batch, sid, reused, files = self.pending, self.sid, self.reused, self.files
         self.pending, self.pending_bytes, self.reused, self.files = {}, 0, [], {}
 
+        def write(txn: lmdb.Transaction) -> tuple[list[int], int]:
+            keys, ids = list(self.deferred), self.deferred_ids
+            record = self.store._write_batch(txn, batch, sid, reused, files, self.heal,
+                                             defer=True)
+            if record is not None:
+                keys.append(record[0])
+                ids += record[1]
+            if ids > FRESH_DEFER_MAX:  # every process would hold them all decoded
+                self.store._merge_fresh(txn, keys=keys)
+                return [], 0
+            return keys, ids
+
         def commit() -> None:
             try:
-                self.store.write(lambda txn: self.store._write_batch(
-                    txn, batch, sid, reused, files, self.heal), "write objects")
+                self.deferred, self.deferred_ids = self.store.write(write, "write objects")
             except BaseException as exc:
                 self._error = exc
 
@@ -1683,10 +1740,13 @@ class Writer:
     def _flush_in(self, txn: lmdb.Transaction) -> None:
         gen = self.sid if self.sid is not None else self.store._meta_int(txn, b"gen")
         self.store._write_batch(txn, self.pending, gen, self.reused, self.files, self.heal)
+        if self.deferred:
+            self.store._merge_fresh(txn, keys=self.deferred)
 
     def _after_flush(self) -> None:
         self.pending.clear()
         self.pending_bytes = 0
+        self.deferred, self.deferred_ids = [], 0
         self.reused, self.files = [], {}
 
     def abort(self) -> None:

@@ -12,7 +12,8 @@ import copy
 import pytest
 
 from oppiefs import store as store_mod
-from oppiefs.store import KIND_CHUNK, Store, oid_of
+from oppiefs.store import KIND_CHUNK, KIND_LIST, Store, oid_of
+from oppiefs.tree import encode_list
 
 
 def _elsewhere(store: Store) -> Store:
@@ -63,15 +64,23 @@ def test_a_small_batch_is_indexed_fresh_swept_in_place_and_merged(store: Store) 
     assert store.check() == []
 
 
-def test_the_sweeper_merges_once_records_pile_up(
+def test_the_sweeper_merges_once_records_pile_up_but_the_newest(
         store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The newest ``FRESH_KEEP`` records stay: a search loop prunes most commits soon, and
+    their ids then go from their record without ever touching ``slots``."""
     monkeypatch.setattr(store_mod, "FRESH_MERGE", 4)
+    monkeypatch.setattr(store_mod, "FRESH_KEEP", 2)
     oids = [_publish(store, b"c%d" % i)[0] for i in range(3)]
     store.sweep()
     assert _fresh_records(store) == 3
-    oids.append(_publish(store, b"c3")[0])
+    oids += [_publish(store, b"c%d" % i)[0] for i in range(3, 5)]
+    store.release(oids[4])  # the newest commit is pruned: it goes from its record
     store.sweep()
-    assert _fresh_records(store) == 0 and all(_in_slots(store, oid) for oid in oids)
+    assert _fresh_records(store) == 2
+    assert [_in_slots(store, oid) for oid in oids] == [True, True, True, False, False]
+    assert [store.exists(oid) for oid in oids] == [True, True, True, True, False]
+    assert store.get(oids[3]) == (KIND_CHUNK, b"c3")
+    assert store.check() == []
 
 
 def test_a_large_batch_goes_to_slots_at_once(store: Store) -> None:
@@ -184,4 +193,36 @@ def test_a_merge_goes_in_chunks_and_readers_follow_each(
     assert store.merge_fresh(between=between) == 5
     assert seen == [(3, True), (1, True)] and _fresh_records(store) == 0
     assert [other.get(oid)[1] for oid in oids] == [b"c%d" % i for i in range(5)]
+    assert store.check() == []
+
+
+def test_a_writers_batches_are_indexed_fresh_and_merged_when_it_publishes(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An import's batches (written before it publishes) go into fresh records, and the
+    publishing transaction merges exactly those into ``slots`` in one pass: indexed batch
+    by batch, each batch rewrote leaves all over ``slots``."""
+    (other,) = _publish(store, b"a commit's chunk")  # someone else's record: it stays
+    big = store_mod.FRESH_BATCH_MAX + 44  # ids per batch: too many for a fresh record
+    w = store.writer(batch_bytes=6 * big)
+    oids = [w.put(KIND_CHUNK, b"%06d" % i, ()) for i in range(3 * big + 10)]
+    w.wait()
+    written = [oid for oid in oids if store.exists(oid)]  # found in the records meanwhile
+    assert len(written) == 3 * big  # all but the batch not written yet
+    assert _fresh_records(store) == 4 and not any(_in_slots(store, oid) for oid in oids)
+    root = w.put(KIND_LIST, encode_list([(oid, 6) for oid in oids]), oids)
+    store.publish(w, root, parent=None, logical_bytes=0, files=0)
+    assert all(_in_slots(store, oid) for oid in oids)
+    assert _fresh_records(store) == 1 and not _in_slots(store, other) and store.exists(other)
+    assert store.check() == []
+
+
+def test_a_writer_merges_on_the_way_past_its_bound(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_mod, "FRESH_DEFER_MAX", 50)
+    w = store.writer(batch_bytes=2000)
+    oids = [w.put(KIND_CHUNK, b"%04d" % i * 100, ()) for i in range(200)]
+    w.wait()
+    assert sum(_in_slots(store, oid) for oid in oids) >= 50  # merged before publishing
+    assert _fresh_records(store) <= 50 // 5 + 1  # batches of 5 ids: 40 records unmerged
+    w.abort()
     assert store.check() == []
