@@ -1035,8 +1035,11 @@ class Importer:
         """Store a directory and everything below it."""
         entries = []
         try:
+            # In name order: objects get their slots in the order a snapshot is listed (and
+            # read back), and the files cache's keys (host paths) arrive nearly sorted, so
+            # each batch appends to that table instead of rewriting leaves all over it.
             with os.scandir(path) as it:
-                items = [(d.name, d.path) for d in it]
+                items = sorted((d.name, d.path) for d in it)
         except OSError as exc:
             raise from_oserror(exc, os.fsdecode(path)) from exc
         outer, self._sub = self._sub, []
