@@ -35,8 +35,6 @@ import stat
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from .errors import Busy, OppieError, Unsupported, from_oserror
@@ -272,8 +270,7 @@ REFUSED_XATTRS = (b"trusted.overlay.redirect", b"trusted.overlay.metacopy",
                   b"user.overlay.redirect", b"user.overlay.metacopy")
 
 
-@dataclass
-class UpperItem:
+class UpperItem(NamedTuple):
     """One name in an upper dir, classified the way overlayfs means it."""
 
     name: bytes
@@ -288,7 +285,7 @@ class UpperItem:
 
 def _xattrs(path: bytes) -> list[bytes]:
     try:
-        return [os.fsencode(n) for n in os.listxattr(path, follow_symlinks=False)]
+        return list(map(os.fsencode, os.listxattr(path, follow_symlinks=False)))
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.ENODATA):
             return []
@@ -302,50 +299,59 @@ def _has(path: bytes, names: list[bytes], wanted: tuple[bytes, ...]) -> bytes | 
     return None
 
 
-def scan_upper(path: bytes) -> Iterator[UpperItem]:
+def scan_upper(path: bytes) -> list[UpperItem]:
     """Classify the entries of one upper directory (not recursive).
 
     Refuses redirect/metacopy xattrs: those describe data that lives in another layer, which
-    this differ does not follow yet (a later fast read path needs them).
+    this differ does not follow yet (a later fast read path needs them). A commit scans
+    every directory on its changed paths, and most names carry no xattrs at all: those
+    take one ``listxattr`` and no further test.
     """
     try:
         names = os.listdir(path)  # bytes in, bytes out; no DirEntry objects to make
     except OSError as exc:
         raise from_oserror(exc, os.fsdecode(path)) from exc
+    items = []
     for name in names:
         p = path + b"/" + name
         try:
             st = os.lstat(p)
             mode = st.st_mode
-            if stat.S_ISCHR(mode) and st.st_rdev == 0:
-                yield UpperItem(name, p, st, "whiteout")
-                continue
             if stat.S_ISLNK(mode):
-                yield UpperItem(name, p, st, "symlink")
-                continue
-            xattrs = _xattrs(p)
-            refused = _has(p, xattrs, REFUSED_XATTRS)
-            if refused:
-                raise Unsupported(f"{os.fsdecode(p)}: carries {refused.decode()}, which commit "
-                                  "cannot represent yet (mount nodes with redirect_dir=off, "
-                                  "metacopy=off)")
-            if stat.S_ISDIR(mode):
-                opaque = _has(p, xattrs, OPAQUE_XATTRS)
-                is_opaque = opaque is not None and os.getxattr(
-                    p, opaque, follow_symlinks=False) == b"y"
-                yield UpperItem(name, p, st, "opaque-dir" if is_opaque else "dir")
-            elif stat.S_ISREG(mode):
-                if st.st_size == 0 and _has(p, xattrs, WHITEOUT_XATTRS):
-                    yield UpperItem(name, p, st, "whiteout")
-                else:
-                    yield UpperItem(name, p, st, "file")
+                kind = "symlink"
+            elif stat.S_ISCHR(mode) and st.st_rdev == 0:
+                kind = "whiteout"
             else:
-                raise Unsupported(f"{os.fsdecode(p)}: cannot commit a "
-                                  f"{'FIFO' if stat.S_ISFIFO(mode) else 'special file'}")
+                xattrs = _xattrs(p)
+                kind = _classify(p, st, xattrs) if xattrs else _KINDS.get(stat.S_IFMT(mode))
+                if kind is None:
+                    raise Unsupported(f"{os.fsdecode(p)}: cannot commit a "
+                                      f"{'FIFO' if stat.S_ISFIFO(mode) else 'special file'}")
         except OppieError:
             raise
         except OSError as exc:
             raise from_oserror(exc, os.fsdecode(p)) from exc
+        items.append(UpperItem(name, p, st, kind))
+    return items
+
+
+_KINDS = {stat.S_IFDIR: "dir", stat.S_IFREG: "file"}  # of a name without xattrs
+
+
+def _classify(p: bytes, st: os.stat_result, xattrs: list[bytes]) -> str | None:
+    """The kind of a directory or file that carries xattrs (None: neither)."""
+    refused = _has(p, xattrs, REFUSED_XATTRS)
+    if refused:
+        raise Unsupported(f"{os.fsdecode(p)}: carries {refused.decode()}, which commit "
+                          "cannot represent yet (mount nodes with redirect_dir=off, "
+                          "metacopy=off)")
+    if stat.S_ISDIR(st.st_mode):
+        opaque = _has(p, xattrs, OPAQUE_XATTRS)
+        is_opaque = opaque is not None and os.getxattr(p, opaque, follow_symlinks=False) == b"y"
+        return "opaque-dir" if is_opaque else "dir"
+    if stat.S_ISREG(st.st_mode):
+        return "whiteout" if st.st_size == 0 and _has(p, xattrs, WHITEOUT_XATTRS) else "file"
+    return None
 
 
 if __name__ == "__main__":

@@ -214,7 +214,7 @@ class SplitTree(Tree):
                               self.total_files)
 
 
-@dataclass
+@dataclass(slots=True)
 class Tally:
     """Totals of a directory: file bytes and files below it (recursively), its own files'
     bytes and count, and the entries below it."""
@@ -249,15 +249,19 @@ class Tally:
 
     def count(self, e: Entry, sign: int, sub: tuple[int, int] = (0, 0)) -> None:
         """Add (sign 1) or remove (-1) an entry; ``sub``: a directory's (bytes, files)."""
-        if e.is_file:
+        etype = e.type
+        if etype <= T_CHUNKED:
             self.bytes += sign * e.size
             self.files += sign
             self.direct_bytes += sign * e.size
             self.direct_files += sign
-        elif e.is_dir:
+            self.entries += sign
+        elif etype == T_DIR:
             self.bytes += sign * sub[0]
             self.files += sign * sub[1]
-        self.entries += sign * (1 + e.size if e.is_dir else 1)
+            self.entries += sign * (1 + e.size)
+        else:
+            self.entries += sign
 
 
 # -- codec ----------------------------------------------------------------------------------
@@ -365,14 +369,15 @@ def _replaced_in_place(payload: bytes, lower: Tree, changes: dict[bytes, Entry |
     lists and its name index (trees are never changed once built), so this costs one
     list copy and a few slices, and the next commit's first lookup finds the index built.
     """
-    offsets = lower.offsets
+    offsets, index_of = lower.offsets, lower.index_of
     at: list[tuple[int, Entry]] = []
     for name, e in changes.items():
-        i = lower.index_of(name)
+        i = index_of(name)
         if e is None or i is None or _record_size(e) != offsets[i + 1] - offsets[i]:
             return None
         at.append((i, e))
-    at.sort()
+    if len(at) > 1:
+        at.sort()
     entries = lower.entries.copy()
     pieces = [TREE_MAGIC, _HEAD.pack(tally.bytes, tally.files, len(entries))]
     pos = offsets[0]
@@ -421,7 +426,8 @@ def _put_dir(w: Writer, payload: bytes, entries: list[Entry], fresh: set[bytes] 
 
 
 def put_changes(w: Writer, lower: Tree | None, changes: dict[bytes, Entry | None],
-                tally: Tally, reader: Reader | None = None, base: bytes | None = None) -> Built:
+                tally: Tally, reader: Reader | None = None, base: bytes | None = None,
+                n: int | None = None) -> Built:
     """Store ``lower`` with ``changes`` applied (name -> new entry; None: removed).
 
     ``tally`` holds the new totals. A small directory is spliced (``splice_tree``: given
@@ -431,16 +437,18 @@ def put_changes(w: Writer, lower: Tree | None, changes: dict[bytes, Entry | None
     cut lands on an old part end), so a commit costs O(changed parts), not O(directory
     size), and the result is the tree a fresh build of the same entries gives. A part whose
     changes only replace entries keeps its names, hence its bounds (cuts follow names), and
-    is spliced as well.
+    is spliced as well. ``n``: the new version's entries, if the caller counted them.
     """
-    old_n = lower.size if lower is not None else 0
-    n = old_n + sum((e is not None) - (lower is not None and lower.get(name) is not None)
-                    for name, e in changes.items())
+    if n is None:
+        n = (lower.size if lower is not None else 0) + sum(
+            (e is not None) - (lower is not None and lower.get(name) is not None)
+            for name, e in changes.items())
     fresh = set(changes)
     if (lower is not None and lower.parts is None and n <= SPLIT_OVER and reader is not None
             and base is not None):
         payload, new = splice_tree(lower.payload or reader.payload(base), lower, changes, tally)
-        oid = _put_dir(w, payload, [e for e in changes.values() if e is not None], fresh)
+        oid = w.put(KIND_TREE, payload, _entry_refs([e for e in changes.values() if e is not None]),
+                    deferred=True)  # all entries but the changed ones come from ``lower``
         new.payload = payload
         reader.remember(oid, new, tally)
         return Built(oid, tally.entries, tally.bytes, tally.files)
@@ -551,7 +559,7 @@ def _put_index(w: Writer, parts: list[tuple[bytes, int]], n: int, tally: Tally,
                fresh: set[tuple[bytes, int]] | None = None) -> Built:
     """``fresh``: the parts written by this session (see ``put_tree``)."""
     payload = b"".join([INDEX_MAGIC, _IDX_HEAD.pack(tally.bytes, tally.files, n, len(parts)),
-                        *(_LIST_ITEM.pack(oid, count) for oid, count in parts)])
+                        *[_LIST_ITEM.pack(oid, count) for oid, count in parts]])
     if fresh is None:
         oid = w.put(KIND_TREE, payload, [oid for oid, _ in parts])
     else:
@@ -830,16 +838,17 @@ class Reader:
         takes it instead of decoding it. Bounded; the oldest are forgotten first.
 
         ``tally``: its totals, which the commit kept by difference (spares the next commit
-        a pass over every entry).
+        a pass over every entry); the tree keeps it, so the caller must not change it.
         """
         if tally is not None:
-            tree.__dict__["tally"] = tally.copy()  # the cached property
+            tree.__dict__["tally"] = tally  # the cached property
+        written = self._written
         with self._written_lock:
-            old = self._written.pop(oid, None)
-            self._written[oid] = tree
+            old = written.pop(oid, None)
+            written[oid] = tree
             self._written_items += tree.size - (old.size if old else 0)
-            while len(self._written) > WRITTEN_MAX or self._written_items > WRITTEN_ITEMS:
-                self._written_items -= self._written.popitem(last=False)[1].size
+            while len(written) > WRITTEN_MAX or self._written_items > WRITTEN_ITEMS:
+                self._written_items -= written.popitem(last=False)[1].size
 
     def payload(self, oid: bytes) -> bytes:
         """A tree object's encoded bytes (verified)."""
@@ -1236,36 +1245,43 @@ def apply_upper(reader: Reader, w: Writer, base: bytes | None, upper: bytes,
     """
     lower = reader.tree(base) if base is not None else None
     tally = lower.tally.copy() if lower is not None else Tally()
+    count = tally.count
     changes: dict[bytes, Entry | None] = {}
+    n = lower.size if lower is not None else 0  # entries of the new version
     for item in scan(upper):
-        name, st = item.name, item.st
+        name, st, kind = item.name, item.st, item.kind
         low = lower.get(name) if lower is not None else None
         if low is not None:
-            t = reader.tree(low.ref) if low.is_dir else None
-            tally.count(low, -1, (t.total_bytes, t.total_files) if t is not None else (0, 0))
-        changes[name] = None
-        if item.kind == "whiteout":
+            n -= 1
+            if low.type == T_DIR:
+                t = reader.tree(low.ref)
+                count(low, -1, (t.total_bytes, t.total_files))
+            else:
+                count(low, -1)
+        if kind == "whiteout":
+            changes[name] = None
             continue
-        sub = (0, 0)
-        if item.kind in ("dir", "opaque-dir"):
-            below = low.ref if item.kind == "dir" and low is not None and low.is_dir else None
+        n += 1
+        if kind == "dir" or kind == "opaque-dir":
+            below = low.ref if kind == "dir" and low is not None and low.type == T_DIR else None
             built = apply_upper(reader, w, below, item.path, scan)
             e = entry_from_stat(name, st, T_DIR, built.oid, built.entries)
-            sub = (built.bytes, built.files)
-        elif item.kind == "symlink":
-            try:
-                target = os.readlink(item.path)
-            except OSError as exc:
-                raise from_oserror(exc, os.fsdecode(item.path)) from exc
-            e = entry_from_stat(name, st, T_SYMLINK, size=len(target), target=target)
-        elif item.kind == "file":
-            try:
-                etype, ref, size = store_file(w, item.path)
-            except OSError as exc:
-                raise from_oserror(exc, os.fsdecode(item.path)) from exc
-            e = entry_from_stat(name, st, etype, ref, size)
+            count(e, 1, (built.bytes, built.files))
         else:
-            raise Unsupported(f"{os.fsdecode(item.path)}: unknown upper entry {item.kind}")
+            if kind == "symlink":
+                try:
+                    target = os.readlink(item.path)
+                except OSError as exc:
+                    raise from_oserror(exc, os.fsdecode(item.path)) from exc
+                e = entry_from_stat(name, st, T_SYMLINK, size=len(target), target=target)
+            elif kind == "file":
+                try:
+                    etype, ref, size = store_file(w, item.path)
+                except OSError as exc:
+                    raise from_oserror(exc, os.fsdecode(item.path)) from exc
+                e = entry_from_stat(name, st, etype, ref, size)
+            else:
+                raise Unsupported(f"{os.fsdecode(item.path)}: unknown upper entry {kind}")
+            count(e, 1)
         changes[name] = e
-        tally.count(e, 1, sub)
-    return put_changes(w, lower, changes, tally, reader, base)
+    return put_changes(w, lower, changes, tally, reader, base, n)
