@@ -34,7 +34,12 @@ On a noisy VM the two trees' runs, a minute apart, drift apart by more than the 
 goal's margin: fork, drop and prune, which cost about the same on both trees, gave ratios of
 0.83-2.35 in one evening of single rounds (bench/RESULTS.md). ``--rounds`` repeats the
 oppiefs runs with the trees' order alternating, prints each round's ratios and checks the
-goals on all rounds' samples pooled.
+goals on all rounds' samples pooled. ``--interleave BLOCK`` goes further: it mounts every
+tree at once and runs BLOCK iterations of each in turn, so both trees' samples come from the
+same minutes (after its block, a mount is left to finish its background work, up to
+``--settle`` seconds, so that its sweeping is not timed in the other tree's block):
+
+    .venv/bin/python bench/mcts.py --peers none --iters 1000 --warmup 600 --interleave 100
 
 The first few hundred commits after importing a big tree are slower than the later ones
 (bench/RESULTS.md); ``--warmup`` leaves them out to measure a long search's steady state.
@@ -95,6 +100,21 @@ class System:
     def teardown(self) -> None: ...
 
 
+def cpu_ticks(pid: int) -> int:
+    """CPU time (clock ticks) of a process and its descendants that are alive."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += map(int, (task / "children").read_text().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # it ended meanwhile
+    return total
+
+
 class Oppiefs(System):
     name = "oppiefs"
 
@@ -126,6 +146,17 @@ class Oppiefs(System):
 
     def prune(self, snap: str) -> None:
         self.client.prune(snap)
+
+    def wait_quiet(self, timeout: float, poll: float = 0.25) -> None:
+        """Wait until the daemon and its children (the sweeper) use no CPU for a poll."""
+        deadline = time.monotonic() + timeout
+        last = cpu_ticks(self.proc.pid)
+        while time.monotonic() < deadline:
+            time.sleep(poll)
+            now = cpu_ticks(self.proc.pid)
+            if now - last <= 1:
+                return
+            last = now
 
     def teardown(self) -> None:
         self.client.close()
@@ -344,37 +375,70 @@ def edit(node: Path, rng: random.Random, files: list[str], spread: str = "random
         (node / f"new-{rng.getrandbits(32):08x}.txt").write_bytes(rng.randbytes(200))
 
 
+class Loop:
+    """One system's search loop on one tree, an iteration at a time (``step``)."""
+
+    def __init__(self, system: System, tree: Path, seed: int, spread: str = "random") -> None:
+        self.system, self.spread = system, spread
+        self.rng = random.Random(seed)
+        self.files = sorted(str(p.relative_to(tree)) for p in tree.rglob("*")
+                            if p.is_file() and not p.is_symlink())
+        self.lat: dict[str, list[float]] = {op: [] for op in OPS}
+        self.pool = [system.setup(tree)]
+
+    def step(self, counting: bool) -> None:
+        def timed(op: str, fn: Callable[..., Any], *args: Any) -> Any:
+            t = time.perf_counter()
+            out = fn(*args)
+            if counting:
+                self.lat[op].append(time.perf_counter() - t)
+            return out
+
+        system, rng, pool = self.system, self.rng, self.pool
+        node, path = timed("fork", system.fork, rng.choice(pool))
+        edit(path, rng, self.files, self.spread)
+        snap = timed("commit", system.commit, node)
+        timed("drop", system.drop, node)
+        pool.append(snap)
+        if len(pool) > POOL:
+            timed("prune", system.prune, pool.pop(rng.randrange(1, len(pool) - 1)))
+
+
 def run(system: System, tree: Path, iters: int, seed: int,
         spread: str = "random", warmup: int = 0) -> dict[str, list[float]]:
     """Latencies of ``iters`` iterations, after ``warmup`` uncounted ones on the same store."""
-    rng = random.Random(seed)
-    files = sorted(str(p.relative_to(tree)) for p in tree.rglob("*")
-                   if p.is_file() and not p.is_symlink())
-    lat: dict[str, list[float]] = {op: [] for op in OPS}
-    counting = False
-
-    def timed(op: str, fn: Callable[..., Any], *args: Any) -> Any:
-        t = time.perf_counter()
-        out = fn(*args)
-        if counting:
-            lat[op].append(time.perf_counter() - t)
-        return out
-
-    root = system.setup(tree)
+    loop = Loop(system, tree, seed, spread)  # a failed setup tears nothing down
     try:
-        pool = [root]
         for i in range(warmup + iters):
-            counting = i >= warmup
-            node, path = timed("fork", system.fork, rng.choice(pool))
-            edit(path, rng, files, spread)
-            snap = timed("commit", system.commit, node)
-            timed("drop", system.drop, node)
-            pool.append(snap)
-            if len(pool) > POOL:
-                timed("prune", system.prune, pool.pop(rng.randrange(1, len(pool) - 1)))
+            loop.step(i >= warmup)
     finally:
         system.teardown()
-    return lat
+    return loop.lat
+
+
+def interleaved(trees: dict[str, Path], iters: int, seed: int, spread: str, warmup: int,
+                block: int, settle: float) -> dict[str, dict[str, list[float]]]:
+    """oppiefs on every tree at once (a mount each), ``block`` iterations of one tree, then
+    of the next: a slow minute of the VM falls on all trees alike. Before a block, the
+    mount that ran the last one is left to finish its background work (sweeps, deleting
+    dropped nodes: more of it on the bigger tree), up to ``settle`` seconds, so that it is
+    not timed in the next tree's block."""
+    loops: dict[str, Loop] = {}
+    try:
+        for tname, tree in trees.items():
+            loops[tname] = Loop(Oppiefs(WORK / f"mcts-interleaved-{tname}"), tree, seed, spread)
+        done = dict.fromkeys(trees, 0)
+        while min(done.values()) < warmup + iters:
+            for tname, loop in loops.items():
+                todo = min(block, warmup + iters - done[tname])
+                for i in range(done[tname], done[tname] + todo):
+                    loop.step(i >= warmup)
+                done[tname] += todo
+                loop.system.wait_quiet(settle)
+    finally:
+        for loop in loops.values():
+            loop.system.teardown()
+    return {tname: loop.lat for tname, loop in loops.items()}
 
 
 def pct(values: list[float], p: float, scale: float = 1e3) -> float:
@@ -409,6 +473,13 @@ def main() -> None:
                     help="oppiefs runs per tree, the trees' order alternating (peers run in "
                          "the first round only); the goals are checked on every round's "
                          "samples pooled, and each round's ratio is printed too")
+    ap.add_argument("--interleave", type=int, default=0, metavar="BLOCK",
+                    help="run oppiefs on all trees at once, BLOCK iterations of each in turn "
+                         "(each round: warmup + iters per tree), so that the ratio compares "
+                         "the same minutes")
+    ap.add_argument("--settle", type=float, default=20.0,
+                    help="with --interleave: at most this many seconds for a mount to finish "
+                         "its background work after its block")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "mcts.json")
     args = ap.parse_args()
 
@@ -443,7 +514,7 @@ def main() -> None:
                   file=sys.stderr)
             res = results["trees"].setdefault(
                 tname, {"files": nfiles, "bytes": nbytes, "systems": {"oppiefs": {}}})
-            for cls in [Oppiefs, *peers] if r == 0 else [Oppiefs]:
+            for cls in ([Oppiefs] if not args.interleave else []) + (peers if r == 0 else []):
                 n = args.iters if cls is Oppiefs else (
                     args.peer_iters or (8 if tname == "linux" else 30))
                 print(f"   {cls.name}: {n} iterations ...", file=sys.stderr)
@@ -453,6 +524,13 @@ def main() -> None:
                     rounds[tname].append(lat)
                 else:
                     res["systems"][cls.name] = summarize(lat)
+        if args.interleave:
+            print(f"   oppiefs, all trees at once in blocks of {args.interleave}: "
+                  f"{args.iters} iterations each ...", file=sys.stderr)
+            order = dict(sorted(present.items(), reverse=r % 2 == 1))
+            for tname, lat in interleaved(order, args.iters, args.seed + r, args.spread,
+                                          args.warmup, args.interleave, args.settle).items():
+                rounds[tname].append(lat)
     for tname, runs in rounds.items():
         res = results["trees"][tname]
         res["systems"]["oppiefs"] = summarize(

@@ -41,3 +41,12 @@ def test_commit_path_benchmark_counts_publish_writes(tmp_path: Path) -> None:
     gen = res["results"]["generated"]
     assert gen["publish_writes"]["p50"] >= 1  # every publish is an fsynced LMDB commit
     assert 0 < gen["apply_cpu"]["p50"] <= gen["total"]["p95"]
+
+
+def test_mcts_benchmark_interleaves_blocks_after_a_warmup(tmp_path: Path) -> None:
+    res = bench("mcts", tmp_path, "--peers", "none", "--iters", "7", "--warmup", "2",
+                "--interleave", "3", "--settle", "0")
+    pooled = res["trees"]["generated"]["systems"]["oppiefs"]
+    # 9 iterations in blocks of 3, the first 2 uncounted; pruning from the 6th on.
+    assert {op: s["n"] for op, s in pooled.items()} == {
+        "fork": 7, "commit": 7, "drop": 7, "prune": 4}
