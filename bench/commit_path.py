@@ -73,7 +73,7 @@ def run(src: Path, work: Path, iters: int, warmup: int, seed: int) -> dict[str, 
     store = tree.open_store(work / "store")
     try:
         root = tree.import_dir(store, src).root
-        reader = tree.Reader(store, keep_payloads=True)  # as the daemon's commit reader
+        reader = tree.commit_reader(store)  # as the daemon's commit reader
         files = sorted(str(p.relative_to(src)) for p in src.rglob("*")
                        if p.is_file() and not p.is_symlink())
         rng = random.Random(seed)

@@ -43,7 +43,7 @@ def measure(n: int, reps: int) -> dict[str, float]:
             with store.writer() as w:
                 built = tree.put_tree(w, [entry(i) for i in range(n)], 0, 0)
                 store.publish(w, built.oid, parent=None, logical_bytes=0, files=n)
-            reader = tree.Reader(store, keep_payloads=True)
+            reader = tree.commit_reader(store)
             probe = entry(n // 2).name
             read = []
             for _ in range(reps):

@@ -71,7 +71,7 @@ class StateManager:
         """``trees``: where the snapshot trees are mounted (the tree server's mount;
         default: ``mountpoint`` itself)."""
         self.store = store
-        self.reader = tree.Reader(store, keep_payloads=True)
+        self.reader = tree.commit_reader(store)
         self.mountpoint = Path(os.path.abspath(mountpoint))
         self.trees = Path(os.path.abspath(trees)) if trees is not None else self.mountpoint
         self.node_root = store.path / "nodes"
