@@ -237,11 +237,22 @@ class Tally:
 
     @classmethod
     def of(cls, entries: list[Entry], sub_bytes: int = 0, sub_files: int = 0) -> Tally:
-        """Count entries whose subdirectories hold ``sub_bytes`` in ``sub_files`` files."""
-        files = [e.size for e in entries if e.type <= T_CHUNKED]
-        direct = sum(files)
-        return cls(sub_bytes + direct, sub_files + len(files), direct, len(files),
-                   subtree_entries(entries))
+        """Count entries whose subdirectories hold ``sub_bytes`` in ``sub_files`` files.
+
+        One pass over the entries: a commit counts every directory on its paths that it
+        reads from the store (most of them, on a big tree)."""
+        direct = files = below = 0
+        for e in entries:
+            etype = e[1]  # indexing: faster than the NamedTuple's field descriptors
+            if etype <= T_CHUNKED:
+                direct += e[5]
+                files += 1
+                below += 1
+            elif etype == T_DIR:
+                below += 1 + e[5]
+            else:
+                below += 1
+        return cls(sub_bytes + direct, sub_files + files, direct, files, below)
 
     def copy(self) -> Tally:
         """A copy: 5x faster than ``dataclasses.replace``, and a commit takes two per dir."""
@@ -647,25 +658,7 @@ def decode_tree(payload: bytes, *, offsets: bool = False) -> Tree:
     if starts is not None:
         starts.append(pos)  # where the last record ends
         tree.__dict__["offsets"] = starts
-        tree.__dict__["tally"] = _tally_of(entries, total_bytes, total_files)
     return tree
-
-
-def _tally_of(entries: list[Entry], total_bytes: int, total_files: int) -> Tally:
-    """``Tree.tally`` of a tree a commit decodes: it wants the tally of every directory on
-    its paths, and most of those it reads from the store on a big tree."""
-    direct = files = below = 0
-    for e in entries:
-        etype = e[1]
-        if etype <= T_CHUNKED:
-            direct += e[5]
-            files += 1
-            below += 1
-        elif etype == T_DIR:
-            below += 1 + e[5]
-        else:
-            below += 1
-    return Tally(total_bytes, total_files, direct, files, below)
 
 
 def encode_list(chunks: list[tuple[bytes, int]]) -> bytes:
