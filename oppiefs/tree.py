@@ -458,8 +458,7 @@ def put_changes(w: Writer, lower: Tree | None, changes: dict[bytes, Entry | None
     if (lower is not None and lower.parts is None and n <= SPLIT_OVER and reader is not None
             and base is not None):
         payload, new = splice_tree(lower.payload or reader.payload(base), lower, changes, tally)
-        oid = w.put(KIND_TREE, payload, _entry_refs([e for e in changes.values() if e is not None]),
-                    deferred=True)  # all entries but the changed ones come from ``lower``
+        oid = _put_dir(w, payload, [e for e in changes.values() if e is not None], fresh)
         new.payload = payload
         reader.remember(oid, new, tally)
         return Built(oid, tally.entries, tally.bytes, tally.files)
