@@ -73,7 +73,8 @@ def run(src: Path, work: Path, iters: int, warmup: int, seed: int) -> dict[str, 
     store = tree.open_store(work / "store")
     try:
         root = tree.import_dir(store, src).root
-        reader = tree.commit_reader(store)  # as the daemon's commit reader
+        reader = tree.commit_reader(store)  # as the daemon's commit reader ...
+        reader.warm(root, tree.COMMIT_TREES)  # ... after its import
         files = sorted(str(p.relative_to(src)) for p in src.rglob("*")
                        if p.is_file() and not p.is_symlink())
         rng = random.Random(seed)

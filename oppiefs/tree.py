@@ -911,6 +911,17 @@ class Reader:
             entry = child
         return entry
 
+    def warm(self, root: bytes, limit: int) -> int:
+        """Decode the directories of snapshot ``root``, top levels first, until ``limit``
+        are held; returns how many. Stopping at the cache's size keeps the top levels, the
+        ones most commits pass through, from being the first evicted."""
+        queue, held = collections.deque([root]), 0
+        while queue and held < limit:
+            entries = self.tree(queue.popleft()).entries
+            held += 1
+            queue.extend(e.ref for e in entries if e.type == T_DIR)
+        return held
+
     def walk(self, tree_oid: bytes, prefix: bytes = b"") -> Iterator[tuple[bytes, Entry]]:
         """Pre-order walk: (relative path, entry) for everything below a tree."""
         for e in self.tree(tree_oid).entries:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from oppiefs import overlay, tree
+from oppiefs.state import StateManager
 from oppiefs.store import KIND_CHUNK, KIND_TREE, Store
 from oppiefs.store import oid_of as store_oid
 from tests.treeutil import commit_upper, with_changes
@@ -269,3 +270,55 @@ def test_trees_held_for_the_next_commit_are_bounded_by_their_entries(
     newest = list(trees)[-1]
     assert reader.tree(newest) is trees[newest]  # taken without the store (never written)
     assert reader._written_items == 20
+
+
+def test_a_warmed_reader_commits_without_reading_a_tree(
+        store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon warms its commit reader after an import: top levels first, never past
+    the limit, and the next commit then reads no directory from the store."""
+    src = tmp_path / "src"
+    for d in ("a/x/deep", "a/y", "b", "big"):
+        (src / d).mkdir(parents=True)
+    for i in range(300):  # a split directory
+        (src / "big" / f"f{i:03d}").write_bytes(b"%d" % i)
+    for d in ("a/x/deep", "a/y", "b"):
+        (src / d / "f").write_bytes(d.encode())  # no two directories alike
+    root = tree.import_dir(store, src).root
+    reader = tree.commit_reader(store)
+    reads: list[bytes] = []
+    payload = reader.payload
+    monkeypatch.setattr(reader, "payload", lambda oid: reads.append(oid) or payload(oid))
+
+    def ref(path: str) -> bytes:
+        return tree.Reader(store).lookup(root, path).ref
+
+    assert reader.warm(root, 3) == 3
+    assert reads == [root, ref("a"), ref("b")]  # top levels first
+    assert reader.warm(root, 100) == 7  # and then: big (an index and its parts), x, y, deep
+    assert reads[3] == ref("big") and reads[-3:] == [ref("a/x"), ref("a/y"), ref("a/x/deep")]
+    del reads[:]
+    upper = tmp_path / "upper"
+    (upper / "a" / "x" / "deep").mkdir(parents=True)
+    (upper / "big").mkdir()
+    (upper / "a" / "x" / "deep" / "f").write_bytes(b"changed")
+    (upper / "big" / "f150").write_bytes(b"changed")
+    new = commit_upper(store, reader, root, upper)
+    assert reads == []
+    fresh = tree.Reader(store)
+    assert fresh.read_all(fresh.lookup(new, "a/x/deep/f")) == b"changed"
+    assert fresh.read_all(fresh.lookup(new, "big/f150")) == b"changed"
+
+
+def test_an_import_warms_the_daemons_commit_reader(store: Store, tmp_path: Path) -> None:
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    for d in ("a/b", "c"):
+        (src / d).mkdir(parents=True)
+        (src / d / "f").write_bytes(d.encode())
+    mnt.mkdir()
+    sm = StateManager(store, mnt)
+    try:
+        snapshot = sm.import_path(str(src))["snapshot"]
+        assert sm.reader.tree.cache_info().currsize == 4  # type: ignore[attr-defined]
+        assert sm.reader.tree(bytes.fromhex(snapshot)).names == [b"a", b"c"]
+    finally:
+        sm.mounter.close()
