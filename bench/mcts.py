@@ -41,6 +41,10 @@ same minutes (after its block, a mount is left to finish its background work, up
 
     .venv/bin/python bench/mcts.py --peers none --iters 1000 --warmup 600 --interleave 100
 
+The table of ratios by round ends with each round's host steal time (`/proc/stat`), the
+share of CPU time the host gave this VM's vCPUs to others: a round that runs 2x slower than
+the next with steal to match was a busy host, not a slow build.
+
 The first few hundred commits after importing a big tree are slower than the later ones
 (bench/RESULTS.md); ``--warmup`` leaves them out to measure a long search's steady state.
 """
@@ -504,7 +508,9 @@ def main() -> None:
                                "command": " ".join(sys.argv), "trees": {}}
     present = {t: p for t, p in trees.items() if p is not None}
     rounds: dict[str, list[dict[str, list[float]]]] = {t: [] for t in present}
+    steal = results["host_steal_by_round"] = []
     for r in range(args.rounds):
+        steal0 = host_steal()
         # Alternate the trees' order: a slow minute of this VM then falls on each in turn.
         for tname in (list(present) if r % 2 == 0 else list(present)[::-1]):
             tree = present[tname]
@@ -531,6 +537,8 @@ def main() -> None:
             for tname, lat in interleaved(order, args.iters, args.seed + r, args.spread,
                                           args.warmup, args.interleave, args.settle).items():
                 rounds[tname].append(lat)
+        steal1 = host_steal()
+        steal.append((steal1[0] - steal0[0]) / max(1, steal1[1] - steal0[1]))
     for tname, runs in rounds.items():
         res = results["trees"][tname]
         res["systems"]["oppiefs"] = summarize(
@@ -551,6 +559,14 @@ def print_table(tname: str, res: dict[str, Any]) -> None:
     for name, s in res["systems"].items():
         cells = [f"{s[op]['p50']:.1f} / {s[op]['p95']:.1f} / {s[op]['p99']:.1f}" for op in OPS]
         print(f"| {name} | {s['fork']['n']} | " + " | ".join(cells) + " |")
+
+
+def host_steal() -> tuple[int, int]:
+    """(steal, all) CPU ticks of this machine so far (/proc/stat). Steal is time the host
+    gave this VM's vCPUs to something else while they had work: the slow minutes that make
+    one round of this benchmark 2x another."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (ticks[7] if len(ticks) > 7 else 0), sum(ticks)
 
 
 def check_goals(results: dict[str, Any]) -> None:
@@ -584,6 +600,8 @@ def check_goals(results: dict[str, Any]) -> None:
                           for b, s in zip(big["rounds"], small["rounds"], strict=True)]
                 results.setdefault("round_ratios", {})[op] = ratios
                 print(f"| {op} | " + " | ".join(f"{x:.2f}" for x in ratios) + " |")
+            print("| host steal, share of CPU time | "
+                  + " | ".join(f"{x:.1%}" for x in results["host_steal_by_round"]) + " |")
 
 
 if __name__ == "__main__":

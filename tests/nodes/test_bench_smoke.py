@@ -34,6 +34,9 @@ def test_mcts_benchmark_runs_rounds_and_pools_their_samples(tmp_path: Path) -> N
     assert {op: s["n"] for op, s in pooled.items()} == {
         "fork": 14, "commit": 14, "drop": 14, "prune": 4}
     assert {g["op"] for g in res["goals"]} == {"fork", "commit", "drop", "prune"}
+    # The host's steal time per round, which tells a slow VM minute from a slow build.
+    assert len(res["host_steal_by_round"]) == 2
+    assert all(0 <= share <= 1 for share in res["host_steal_by_round"])
 
 
 def test_commit_path_benchmark_counts_publish_writes(tmp_path: Path) -> None:
