@@ -917,9 +917,11 @@ class Reader:
         ones most commits pass through, from being the first evicted."""
         queue, held = collections.deque([root]), 0
         while queue and held < limit:
-            entries = self.tree(queue.popleft()).entries
+            t = self.tree(queue.popleft())
             held += 1
-            queue.extend(e.ref for e in entries if e.type == T_DIR)
+            # A split directory's parts, not its whole entry list (kept with it once built).
+            for part in t.part_trees if isinstance(t, SplitTree) else (t,):
+                queue.extend(e.ref for e in part.entries if e.type == T_DIR)
         return held
 
     def walk(self, tree_oid: bytes, prefix: bytes = b"") -> Iterator[tuple[bytes, Entry]]:

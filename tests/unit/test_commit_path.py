@@ -296,6 +296,7 @@ def test_a_warmed_reader_commits_without_reading_a_tree(
     assert reads == [root, ref("a"), ref("b")]  # top levels first
     assert reader.warm(root, 100) == 7  # and then: big (an index and its parts), x, y, deep
     assert reads[3] == ref("big") and reads[-3:] == [ref("a/x"), ref("a/y"), ref("a/x/deep")]
+    assert "entries" not in reader.tree(ref("big")).__dict__  # its parts were walked
     del reads[:]
     upper = tmp_path / "upper"
     (upper / "a" / "x" / "deep").mkdir(parents=True)
