@@ -23,11 +23,13 @@ overlay refuses to remount until its work dir is reset, which state.py does (and
 from __future__ import annotations
 
 import array
+import contextlib
 import ctypes
 import ctypes.util
 import errno
 import fcntl
 import json
+import logging
 import os
 import re
 import signal
@@ -35,9 +37,12 @@ import stat
 import subprocess
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 from .errors import Busy, OppieError, Unsupported, from_oserror
+
+log = logging.getLogger(__name__)
 
 MS_NOSUID = 2
 MS_NODEV = 4
@@ -103,24 +108,50 @@ class Mounter:
         return self._proc
 
     def mount(self, lower: str, upper: str, work: str, merged: str) -> None:
-        request = json.dumps([lower, upper, work, merged]).encode() + b"\n"
+        with self.started(lower, upper, work, merged) as mounted:
+            mounted()
+
+    @contextlib.contextmanager
+    def started(self, lower: str, upper: str, work: str, merged: str, *,
+                make_dirs: bool = False) -> Iterator[Callable[[], None]]:
+        """Ask the helper to mount (``make_dirs``: creating upper, work and merged first),
+        and let the caller work meanwhile: a fork records its node while the helper mounts,
+        so the record's fsync and the mount overlap. The block gets ``mounted``, which waits
+        for the outcome (raising the mount's error); a block that ends without having called
+        it, by an exception, still waits for it, and undoes the mount if it took place.
+        Requests go one at a time: other callers wait until the block ends."""
+        request = json.dumps([lower, upper, work, merged, make_dirs]).encode() + b"\n"
         with self._lock:
             proc = self._helper()
             assert proc.stdin is not None and proc.stdout is not None
             try:
                 proc.stdin.write(request)
                 proc.stdin.flush()
-                line = proc.stdout.readline()
             except OSError:
-                line = b""
-        if not line:
-            raise OppieError(f"mount overlay at {merged}: the mount helper died")
-        reply = json.loads(line)
-        if reply.get("errno"):
-            exc = OSError(reply["errno"], os.strerror(reply["errno"]), merged)
-            raise from_oserror(exc, f"mount overlay at {merged}") from None
-        if reply.get("error"):
-            raise Unsupported(reply["error"])
+                pass  # the helper died: the reply's read says so
+            answered: list[bool] = []
+
+            def mounted() -> None:
+                if answered:
+                    return
+                answered.append(True)
+                _raise_for(proc, merged)
+
+            try:
+                yield mounted
+            except BaseException:
+                if not answered:
+                    try:
+                        mounted()
+                    except OppieError:
+                        pass  # not mounted: nothing to undo
+                    else:  # nobody has been told of it
+                        try:
+                            unmount(merged, lazy=True)
+                        except OppieError as exc:  # the block's own error matters more
+                            log.warning("undoing the mount at %s: %s", merged, exc)
+                raise
+            mounted()
 
     def close(self) -> None:
         with self._lock:
@@ -131,23 +162,51 @@ class Mounter:
             self._proc = None
 
 
+def _raise_for(proc: subprocess.Popen[bytes], merged: str) -> None:
+    """Read the helper's reply to a mount request; raise its error."""
+    assert proc.stdout is not None
+    try:
+        line = proc.stdout.readline()
+    except OSError:
+        line = b""
+    if not line:
+        raise OppieError(f"mount overlay at {merged}: the mount helper died")
+    reply = json.loads(line)
+    if reply.get("errno"):
+        exc = OSError(reply["errno"], os.strerror(reply["errno"]), merged)
+        raise from_oserror(exc, reply.get("what") or f"mount overlay at {merged}") from None
+    if reply.get("error"):
+        raise Unsupported(reply["error"])
+
+
 def _serve_mounts() -> None:
     """The helper's loop (``python -m oppiefs.overlay``): stdin requests, stdout replies.
     It ends when the daemon closes the pipe (or dies); Ctrl-C is the daemon's to handle."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for line in sys.stdin.buffer:
-        lower, upper, work, merged = json.loads(line)
-        reply: dict[str, object] = {"ok": True}
-        try:
-            mount_overlay(lower, upper, work, merged)
-        except Unsupported as exc:
-            reply = {"error": str(exc)}
-        except OppieError as exc:
-            cause = exc.__cause__
-            reply = {"errno": cause.errno if isinstance(cause, OSError) and cause.errno
-                     else errno.EIO}
+        reply = _serve_one(*json.loads(line))
         sys.stdout.buffer.write(json.dumps(reply).encode() + b"\n")
         sys.stdout.buffer.flush()
+
+
+def _serve_one(lower: str, upper: str, work: str, merged: str,
+               make_dirs: bool) -> dict[str, object]:
+    """One request: the reply names a failure by errno and by the step that failed."""
+    d = ""
+    try:
+        if make_dirs:
+            for d in (upper, work, merged):
+                os.makedirs(d)
+        mount_overlay(lower, upper, work, merged)
+    except Unsupported as exc:
+        return {"error": str(exc)}
+    except OppieError as exc:
+        cause = exc.__cause__
+        return {"errno": cause.errno if isinstance(cause, OSError) and cause.errno
+                else errno.EIO}
+    except OSError as exc:
+        return {"errno": exc.errno or errno.EIO, "what": f"create {d}"}
+    return {"ok": True}
 
 
 def spread_subdirs(path: str) -> None:

@@ -8,8 +8,10 @@ Nodes live under ``<store>/nodes/<node>/`` (``upper``, ``work``, ``merged``); th
 mounted on ``merged`` and ``<mnt>/nodes/<node>`` is a symlink to it, so agents working in a
 node touch only the kernel's overlay and the host filesystem, never the daemon. A node's
 record (base snapshot, last commit) and the pin on its base change in one LMDB transaction.
-Order of effects keeps crashes harmless: fork writes the record before mounting (a record
-without a mount is re-attached on the next start), drop unmounts, then removes the record,
+Order of effects keeps crashes harmless: fork writes the record while the overlay is being
+mounted and replies once both are done (a record without a mount is re-attached on the next
+start, a mount without a record dies with the daemon's FUSE mount, its dir is swept on the
+next start, and its fork was never acknowledged), drop unmounts, then removes the record,
 then moves the directory to a trash the background sweeper thread empties, with ``rm`` in a
 child process (a directory without a record, trash included, is swept on the next start).
 
@@ -236,21 +238,24 @@ class StateManager:
     def fork(self, snapshot: str) -> dict[str, Any]:
         root = self.store.resolve(snapshot)
         node = secrets.token_hex(6)
+        while (self.node_root / node).exists():  # never: yet a failed fork deletes its dir
+            node = secrets.token_hex(6)
         base, upper, work, merged = self._dirs(node)
         with self._node_lock(node):
-            for d in (upper, work, merged):
-                d.mkdir(parents=True)
             record = {"base": root.hex(), "head": None, "created": time.time(),
                       "boot": overlay.boot_id()}
+            recorded = False
             try:
-                self.store.add_node(node, record, root)
-            except OppieError:
-                shutil.rmtree(base, ignore_errors=True)
-                raise
-            try:
-                self.mounter.mount(self._lower(root), str(upper), str(work), str(merged))
-            except OppieError:
-                self.store.remove_node(node, root)
+                # The helper creates the node's dirs and mounts while the record's
+                # transaction commits here: its fsync costs the fork nothing more.
+                with self.mounter.started(self._lower(root), str(upper), str(work),
+                                          str(merged), make_dirs=True) as mounted:
+                    self.store.add_node(node, record, root)
+                    recorded = True
+                    mounted()
+            except Exception:  # whatever failed, the fork leaves nothing behind
+                if recorded:
+                    self.store.remove_node(node, root)
                 shutil.rmtree(base, ignore_errors=True)
                 raise
             self._set_link(node, merged)
