@@ -1,4 +1,5 @@
-"""Fixtures for the unit tier: a tmp store (path and opened), a CLI runner bound to it."""
+"""Fixtures for the unit tier: a tmp store (path and opened), a CLI runner bound to it, a
+StateManager on the store without a FUSE mount."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from oppiefs import tree
+from oppiefs.state import StateManager
 from oppiefs.store import Store
 from tests.cliutil import Cli
+from tests.mountutil import sweep_mounts
 
 
 @pytest.fixture
@@ -26,3 +29,15 @@ def store(store_dir: Path) -> Iterator[Store]:
 @pytest.fixture
 def cli(store_dir: Path) -> Cli:
     return Cli(store_dir)
+
+
+@pytest.fixture
+def manager(store: Store, tmp_path: Path) -> Iterator[StateManager]:
+    """A StateManager whose mountpoint is a plain dir (its ``snapshots/`` is not served)."""
+    (tmp_path / "mnt").mkdir()
+    sm = StateManager(store, tmp_path / "mnt")
+    try:
+        yield sm
+    finally:
+        sm.mounter.close()
+        sweep_mounts(tmp_path)  # overlays a test mounted

@@ -5,7 +5,6 @@ the other is undone, and a failed fork leaves no mount, no record, no pin and no
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,24 +14,12 @@ from oppiefs import overlay, tree
 from oppiefs.errors import InvalidArgument, OppieError
 from oppiefs.state import StateManager
 from oppiefs.store import Store
-from tests.mountutil import sweep_mounts
-
-
-@pytest.fixture
-def manager(store: Store, tmp_path: Path) -> Iterator[StateManager]:
-    """A StateManager without a FUSE mount: its lower is a plain copy of the snapshot."""
-    (tmp_path / "mnt").mkdir()
-    sm = StateManager(store, tmp_path / "mnt")
-    try:
-        yield sm
-    finally:
-        sm.mounter.close()
-        sweep_mounts(tmp_path)
 
 
 @pytest.fixture
 def root(store: Store, tmp_path: Path, manager: StateManager,
          monkeypatch: pytest.MonkeyPatch) -> bytes:
+    """A snapshot, and the manager's lower for it: a plain copy (no FUSE mount here)."""
     src = tmp_path / "src"
     (src / "d").mkdir(parents=True)
     (src / "d" / "f").write_bytes(b"hello")

@@ -8,24 +8,12 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from oppiefs import state as state_mod
 from oppiefs.state import TRASH_PREFIX, StateManager
-from oppiefs.store import Store
-
-
-@pytest.fixture
-def manager(store: Store, tmp_path: Path) -> Iterator[StateManager]:
-    (tmp_path / "mnt").mkdir()
-    sm = StateManager(store, tmp_path / "mnt")
-    try:
-        yield sm
-    finally:
-        sm.mounter.close()
 
 
 def _fill_trash(sm: StateManager) -> tuple[list[Path], Path]:
