@@ -238,7 +238,9 @@ class StateManager:
     def fork(self, snapshot: str) -> dict[str, Any]:
         root = self.store.resolve(snapshot)
         node = secrets.token_hex(6)
-        while (self.node_root / node).exists():  # never: yet a failed fork deletes its dir
+        # A clash of 48 random bits is all but impossible; yet a failed fork deletes its
+        # node's dir, so it never takes a name whose dir exists.
+        while (self.node_root / node).exists():
             node = secrets.token_hex(6)
         base, upper, work, merged = self._dirs(node)
         with self._node_lock(node):
