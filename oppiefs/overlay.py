@@ -129,18 +129,18 @@ class Mounter:
                 proc.stdin.flush()
             except OSError:
                 pass  # the helper died: the reply's read says so
-            answered: list[bool] = []
+            waited = False
 
             def mounted() -> None:
-                if answered:
-                    return
-                answered.append(True)
-                _raise_for(proc, merged)
+                nonlocal waited
+                if not waited:
+                    waited = True
+                    _raise_for(proc, merged)
 
             try:
                 yield mounted
             except BaseException:
-                if not answered:
+                if not waited:
                     try:
                         mounted()
                     except OppieError:
