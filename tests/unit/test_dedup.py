@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -71,6 +73,22 @@ def test_one_byte_insertion_changes_at_most_two_chunks(seed: int, where: float) 
     new = set(b) - set(a)
     assert 1 <= len(new) <= 2, f"{len(new)} new chunks of {len(b)}"
     assert len(set(a) - set(b)) <= 2
+
+
+@pytest.mark.parametrize("size", [
+    chunker.MIN_SIZE + 1, chunker.MAX_SIZE, chunker.MAX_SIZE + 1, 3 * chunker.MAX_SIZE + 7,
+    chunker.WHOLE_MAX, chunker.WHOLE_MAX + 1, 2 * chunker.WHOLE_MAX + 3])
+def test_whole_and_streamed_files_are_cut_alike(tmp_path: Path, size: int) -> None:
+    """chunk_file reads files up to WHOLE_MAX whole and streams larger ones: both must give
+    the cuts of the other (a file's id, and dedup, depend on them), for random data and for
+    data without cut points (max-size chunks)."""
+    rng = random.Random(size)
+    for kind, data in (("random", rng.randbytes(size)), ("zeros", bytes(size))):
+        streamed = list(chunker.chunk_stream(io.BytesIO(data)))
+        assert list(chunker.chunk_bytes(data)) == streamed, kind
+        (tmp_path / kind).write_bytes(data)
+        assert list(chunker.chunk_file(tmp_path / kind)) == streamed, kind
+        assert b"".join(streamed) == data
 
 
 def test_stored_chunks_match_in_memory_chunking(store_dir: Path, tmp_path: Path) -> None:
