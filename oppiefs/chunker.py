@@ -55,7 +55,11 @@ def chunk_file(path: bytes | str) -> Iterator[bytes]:
                 yield head
             return
         f.seek(0)
-        if os.fstat(f.fileno()).st_size <= WHOLE_MAX:
-            yield from chunk_bytes(f.read())
-            return
+        size = os.fstat(f.fileno()).st_size
+        if MIN_SIZE < size <= WHOLE_MAX:
+            data = f.read(size + 1)
+            if len(data) <= size:  # all of it (a file still growing is streamed instead)
+                yield from chunk_bytes(data)
+                return
+            f.seek(0)
         yield from chunk_stream(f)
