@@ -47,19 +47,17 @@ def chunk_bytes(data: bytes | memoryview) -> Iterator[bytes]:
 
 
 def chunk_file(path: bytes | str) -> Iterator[bytes]:
-    """Chunk a file: small files are one read and one chunk, large ones are streamed."""
+    """Chunk a file: up to ``WHOLE_MAX`` one read (a small file is one chunk), larger ones
+    (or one that holds more than its size says, a file still growing) streamed."""
     with open(path, "rb", buffering=0) as f:
-        head = f.read(MIN_SIZE + 1)
-        if len(head) <= MIN_SIZE:
-            if head:
-                yield head
-            return
-        f.seek(0)
         size = os.fstat(f.fileno()).st_size
-        if MIN_SIZE < size <= WHOLE_MAX:
+        if size <= WHOLE_MAX:
             data = f.read(size + 1)
-            if len(data) <= size:  # all of it (a file still growing is streamed instead)
-                yield from chunk_bytes(data)
+            if len(data) <= size:  # all of it
+                if len(data) > MIN_SIZE:
+                    yield from chunk_bytes(data)
+                elif data:
+                    yield data
                 return
             f.seek(0)
         yield from chunk_stream(f)
