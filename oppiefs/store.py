@@ -119,6 +119,8 @@ FORMAT = 2
 # last of an import; the earlier ones wait in fresh records: see Writer). Fresh records are
 # for the few objects of a commit, and every process holds them decoded.
 FRESH_BATCH_MAX = 256
+FILES_KEY_MAX = 511  # LMDB's key size limit, which host paths may exceed
+FILES_KEY_HEAD = FILES_KEY_MAX - 1 - 32  # bytes of a longer path kept at its key's front
 FRESH_MERGE = 256  # fresh records at which a sweep merges them (a few seconds of commits)
 # Fresh records a sweep leaves unmerged, newest first. Most of a search loop's commits are
 # pruned within a few iterations: their ids then go from their record, never having been
@@ -199,6 +201,16 @@ def _willneed(view: memoryview) -> None:
 
 def oid_of(payload: bytes | memoryview) -> bytes:
     return blake3.blake3(payload).digest()
+
+
+def files_key(path: bytes) -> bytes:
+    """The files-cache key of a host path: the path itself up to LMDB's key limit; past it
+    (deep trees, long names), the path's first ``FILES_KEY_HEAD`` bytes, a NUL (which no
+    path holds) and the blake3 hash of the whole path. Keys stay sorted by path head, so
+    ``forget_files`` still finds them under an import's root."""
+    if len(path) <= FILES_KEY_MAX:
+        return path
+    return path[:FILES_KEY_HEAD] + b"\0" + oid_of(path)
 
 
 def default_store_dir() -> Path:
@@ -681,24 +693,30 @@ class Store:
                     lo, hi = (int(x, 16) for x in fields[0].split("-"))
                     _madvise(lo, hi - lo, _MADV_DONTNEED)
 
-    def cached_files(self, keys: list[bytes]) -> list[bytes | None]:
+    def cached_files(self, paths: list[bytes]) -> list[bytes | None]:
         """Files-cache records for these host paths (one short read transaction)."""
         with self.env.begin() as txn:
-            return [txn.get(k, db=self.db["files"]) for k in keys]
+            return [txn.get(files_key(p), db=self.db["files"]) for p in paths]
 
     def forget_files(self, prefix: bytes, keep: Collection[bytes]) -> int:
         """Drop files-cache records under ``prefix`` (a directory path ending in '/') except
         ``keep``: an import calls it with the files it saw, so records of deleted files do
         not pile up. Returns how many went."""
         files = self.db["files"]
+        keep_keys = {files_key(p) for p in keep}
+        # A key made from a long path holds only its head: under a prefix longer than that
+        # head such a key cannot be placed, and is left (a stale record costs a lookup).
+        head = prefix[:FILES_KEY_HEAD]
         with self.env.begin() as txn:
             cur = txn.cursor(db=files)
             stale = []
-            if cur.set_range(prefix):
+            if cur.set_range(head):
                 for key in cur.iternext(keys=True, values=False):
-                    if not key.startswith(prefix):
+                    if not key.startswith(head):
                         break
-                    if key not in keep:
+                    hashed = b"\0" in key
+                    under = len(prefix) <= FILES_KEY_HEAD if hashed else key.startswith(prefix)
+                    if under and key not in keep_keys:
                         stale.append(key)
         if stale:
             self.write(lambda txn: [txn.delete(k, db=files) for k in stale],
@@ -1694,8 +1712,8 @@ class Writer:
         """Reference a stored object without its bytes; the batch checks it still exists."""
         self.reused.append(oid)
 
-    def cache_file(self, key: bytes, record: bytes) -> None:
-        self.files[key] = record
+    def cache_file(self, path: bytes, record: bytes) -> None:
+        self.files[files_key(path)] = record
 
     def flush(self) -> None:
         """Hand the pending batch to the background committer (after the previous one)."""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from oppiefs import store as store_mod
 from oppiefs import tree
 from oppiefs.store import Store
 
@@ -120,3 +121,32 @@ def test_records_of_deleted_files_are_dropped(tmp_path, fast_trust) -> None:
     now = {str(p) for p in src.rglob("*") if p.is_file()}
     assert {k for k in keys() if k.startswith(f"{src}/")} == now
     assert str(other / "x") in keys()
+
+
+def test_paths_past_the_key_limit_are_cached(tmp_path, monkeypatch, fast_trust) -> None:
+    """LMDB keys hold 511 bytes, host paths more (deep trees, long names): such paths are
+    cached under a hashed key, found again, and dropped once their file is gone."""
+    src = tmp_path / "src"
+    deep = src / ("a" * 200) / ("b" * 200) / ("c" * 200)
+    deep.mkdir(parents=True)
+    (deep / "f").write_bytes(b"deep")
+    (deep / "g").write_bytes(b"gone soon")
+    (deep.parent / "near").write_bytes(b"a path just under the limit")
+    assert len(os.fsencode(deep / "f")) > store_mod.FILES_KEY_MAX > len(
+        os.fsencode(deep.parent / "near"))
+    time.sleep(0.05)
+    store = tree.open_store(tmp_path / "store")
+    first = tree.import_dir(store, src)
+    reads = _count_reads(monkeypatch)
+    assert tree.import_dir(store, src).root == first.root
+    # An import root longer than a key's head: its files' records are the same ones.
+    assert len(os.fsencode(deep)) > store_mod.FILES_KEY_HEAD
+    tree.import_dir(store, deep)
+    assert reads == []
+    (deep / "g").unlink()
+    tree.import_dir(store, deep)  # cannot place hashed keys under its root: keeps them
+    assert store.cached_files([os.fsencode(deep / "g")]) != [None]
+    tree.import_dir(store, src)
+    assert store.cached_files([os.fsencode(deep / p) for p in ("f", "g")])[1] is None
+    assert store.cached_files([os.fsencode(deep / "f")]) != [None]
+    assert reads == [] and store.check() == []
