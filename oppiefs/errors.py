@@ -9,6 +9,7 @@ reported as EIO.
 from __future__ import annotations
 
 import errno as _errno
+import os
 
 
 class OppieError(Exception):
@@ -29,6 +30,13 @@ class OppieError(Exception):
 class InvalidArgument(OppieError):
     errno_name = "EINVAL"
     exit_code = 2
+
+
+class NameTooLong(InvalidArgument):
+    """A host path longer than the kernel resolves (PATH_MAX: 4,096 bytes), or a name over
+    255 bytes: such a tree can be neither read for a commit nor imported."""
+
+    errno_name = "ENAMETOOLONG"
 
 
 class NotFound(OppieError):
@@ -84,6 +92,7 @@ BY_NAME: dict[str, type[OppieError]] = {
     cls.errno_name: cls
     for cls in (
         InvalidArgument,
+        NameTooLong,
         NotFound,
         AlreadyExists,
         Busy,
@@ -108,11 +117,15 @@ def from_errno_name(name: str, message: str) -> OppieError:
 
 def from_oserror(exc: OSError, what: str) -> OppieError:
     """Map an OSError from host I/O to the matching OppieError with a precise message."""
-    text = f"{what}: {exc.strerror or exc}"
+    text = f"{_shortened(what)}: {exc.strerror or exc}"
+    if exc.errno == _errno.ENAMETOOLONG:
+        name = exc.filename
+        size = f"{len(os.fsencode(name))} bytes; " if isinstance(name, str | bytes) else ""
+        text += f" ({size}the kernel resolves paths of up to 4,096 bytes and names of up to 255)"
     mapping: dict[int, type[OppieError]] = {
         _errno.ENOENT: NotFound,
         _errno.ENOTDIR: InvalidArgument,
-        _errno.ENAMETOOLONG: InvalidArgument,
+        _errno.ENAMETOOLONG: NameTooLong,
         _errno.EACCES: PermissionDenied,
         _errno.EPERM: PermissionDenied,
         _errno.ENOSPC: NoSpace,
@@ -122,3 +135,11 @@ def from_oserror(exc: OSError, what: str) -> OppieError:
         _errno.EEXIST: AlreadyExists,
     }
     return mapping.get(exc.errno or 0, OppieError)(text)
+
+
+def _shortened(what: str, keep: int = 240) -> str:
+    """``what`` (a path, mostly) cut in the middle when long: a reply line stays readable,
+    and its head and tail still say where."""
+    if len(what) <= keep:
+        return what
+    return f"{what[:keep // 2]}...({len(what) - keep} characters)...{what[-keep // 2:]}"

@@ -1243,7 +1243,7 @@ def host_path_ok(path: str) -> Path:
     try:
         exists, is_dir = p.exists(), p.is_dir()
     except OSError as exc:  # a name longer than NAME_MAX, a parent we may not search...
-        raise from_oserror(exc, f"import path {path[:200]!r}") from exc
+        raise from_oserror(exc, f"import path {path!r}") from exc
     if not exists:
         raise NotFound(f"{path}: no such directory")
     if not is_dir:

@@ -248,3 +248,30 @@ def test_repair_keeps_children_of_a_corrupt_tree(cli: Cli, store_dir: Path,
         reader = tree.Reader(store)
         top = reader.tree(bytes.fromhex(snap))
         assert top.get(b"sub") is not None
+
+
+def test_path_past_path_max_is_enametoolong(tmp_path: Path) -> None:
+    """A tree deeper than the kernel resolves (PATH_MAX) can be built with relative paths,
+    but not imported: the error names it, short enough to read, and nothing is stored."""
+    src = tmp_path / "src"
+    src.mkdir()
+    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(24):  # 24 x 201 bytes: past 4,096
+            os.mkdir("d" * 200, dir_fd=fd)
+            sub = os.open("d" * 200, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+        os.close(os.open("deep", os.O_CREAT | os.O_WRONLY, dir_fd=fd))
+    finally:
+        os.close(fd)
+    store = tree.open_store(tmp_path / "store")
+    try:
+        with pytest.raises(errors.NameTooLong) as info:
+            tree.import_dir(store, src)
+        assert info.value.errno_name == "ENAMETOOLONG"
+        assert len(info.value.message) < 500 and "4,096" in info.value.message
+        assert store.snapshots() == []
+    finally:
+        store.close()
+        shutil.rmtree(src)  # rmtree works by dir fds
