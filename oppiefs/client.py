@@ -15,6 +15,7 @@ OppieError subclass named by the reply's errno (NotFound for ENOENT, ...).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import threading
@@ -43,7 +44,9 @@ class Client:
             try:
                 fd = self._local.fd = os.open(self.ctl, os.O_RDWR | os.O_CLOEXEC)
             except OSError as exc:
-                raise NotMounted(f"cannot open {self.ctl}: {exc.strerror}") from exc
+                hint = (f" (is oppiefs mounted at {self.mountpoint}? `oppiefs mount "
+                        f"{self.mountpoint}` starts it)" if exc.errno == errno.ENOENT else "")
+                raise NotMounted(f"cannot open {self.ctl}: {exc.strerror}{hint}") from exc
             with self._lock:
                 self._fds.add(fd)
         return fd

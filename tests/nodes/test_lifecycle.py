@@ -207,7 +207,7 @@ def test_client_raises_typed_errors(mdaemon, shared):
     with pytest.raises(OppieError):
         c.call("status\nfork", snap)  # refused before anything is sent
     assert c.status()["snapshots"] >= 1  # the handle is still in step
-    with pytest.raises(NotMounted):
+    with pytest.raises(NotMounted, match="is oppiefs mounted at"):
         Client(mdaemon.mnt / "snapshots").status()
 
 
