@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from . import overlay, tree
-from .errors import InvalidArgument, NotFound, OppieError
+from .errors import InvalidArgument, NotFound, NotMounted, OppieError, from_oserror
 from .store import LOG_KEEP, Store
 from .sweeper import BusyFlag, Sweeper
 
@@ -78,6 +78,7 @@ class StateManager:
         self.trees = Path(os.path.abspath(trees)) if trees is not None else self.mountpoint
         self.node_root = store.path / "nodes"
         self.node_root.mkdir(exist_ok=True)
+        self._store_dev = self.node_root.stat().st_dev  # a node dir's, unless mounted over
         overlay.spread_subdirs(str(self.node_root))
         self.mounter = overlay.Mounter()  # overlays are mounted from a helper process
         self._lock = threading.Lock()  # guards _node_locks, _links and the command tracking
@@ -104,6 +105,21 @@ class StateManager:
     def _dirs(self, node: str) -> tuple[Path, Path, Path, Path]:
         base = self.node_root / node
         return base, base / "upper", base / "work", base / "merged"
+
+    def _check_attached(self, node: str, merged: Path) -> None:
+        """Refuse to commit a node whose overlay was unmounted behind our back: what was
+        written to the bare dir since is in no layer, and a commit would say all is well.
+        One stat: an overlay has a device of its own, the bare dir the store's."""
+        try:
+            bare = os.stat(merged).st_dev == self._store_dev
+        except OSError as exc:
+            raise from_oserror(exc, f"node {node!r}: {merged}") from exc
+        if bare:
+            raise NotMounted(
+                f"node {node!r} is not mounted any more: its overlay at {merged} was "
+                "unmounted from outside oppiefs, so writes since then went to a plain dir "
+                "that no commit reads. Its upper dir keeps what the node held up to then. "
+                "Drop the node, or re-attach it: `oppiefs umount` and `oppiefs mount`.")
 
     def _lower(self, root: bytes) -> str:
         return str(self.trees / "snapshots" / root.hex())
@@ -268,9 +284,10 @@ class StateManager:
         with self._node_lock(check_node_id(node)):
             record = self._record(node)
             root = bytes.fromhex(record["base"])
-            _, upper, _, _ = self._dirs(node)
+            _, upper, _, merged = self._dirs(node)
             if not upper.is_dir():
                 raise NotFound(f"node {node!r} has lost its upper dir")
+            self._check_attached(node, merged)
             parent = record["head"] or record["base"]
             with self.store.writer() as w:
                 built = tree.apply_upper(self.reader, w, root, os.fsencode(upper),

@@ -476,3 +476,25 @@ def test_kill_during_a_fork_leaves_nothing_hanging(tmp_path):
     finally:
         d.stop()
     assert mounts_under(tmp_path) == []
+
+
+def test_commit_refuses_a_node_unmounted_from_outside(mdaemon, tmp_path):
+    """An overlay unmounted behind the daemon's back leaves a plain dir where the node was:
+    writes there reach no layer, so commit says so instead of succeeding, and drop still
+    works."""
+    c = Client(mdaemon.mnt)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_text("a")
+    snap = c.import_(src)
+    node = c.fork(snap)
+    (Path(node.path) / "b").write_text("before")
+    first = c.commit(node)
+    merged = os.path.realpath(node.path)
+    subprocess.run(["umount", merged], check=True)
+    (Path(merged) / "lost").write_text("after")
+    with pytest.raises(NotMounted, match="unmounted from outside oppiefs"):
+        c.commit(node)
+    c.drop(node)
+    assert first in os.listdir(mdaemon.mnt / "snapshots")
+    fsck_clean(mdaemon.store)
