@@ -31,6 +31,8 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyfuse3
@@ -74,11 +76,13 @@ class TreeServer:
         self.sock = ours
         self.sock.settimeout(READY_TIMEOUT_S)
         try:
-            ready, fds, _, _ = socket.recv_fds(self.sock, 64, 1)
+            ready, fds, _, _ = socket.recv_fds(self.sock, 4096, 1)
         except OSError:
             ready, fds = b"", []
         if ready != b"ready\n" or len(fds) != 1:
             self.stop()
+            if ready.startswith(b"error: "):
+                raise OppieError(ready[7:].decode(errors="replace").strip())
             raise OppieError(f"the tree server did not start (it said {ready!r}; see the log)")
         self.fuse_fd = fds[0]
 
@@ -144,16 +148,40 @@ def serve_trees(store_dir: Path, mountpoint: str, ipc: socket.socket,
     for opt in options:
         opts |= {o for o in opt.split(",") if o}
     try:
-        pyfuse3.init(ops, mountpoint, opts)
+        with _stderr_kept() as said:
+            pyfuse3.init(ops, mountpoint, opts)
     except RuntimeError as exc:
         store.close()
-        raise OppieError(f"cannot mount {mountpoint}: {exc}") from exc
+        why = " ".join(said().split())  # libfuse tells what it refused on stderr only
+        raise OppieError(f"cannot mount {mountpoint}: {exc}" + (f" ({why})" if why else "")
+                         ) from exc
     set_readahead(mountpoint)
     try:
         trio.run(_run, ipc)
     finally:
         pyfuse3.close(unmount=True)
         store.close()
+
+
+@contextlib.contextmanager
+def _stderr_kept() -> Iterator[Callable[[], str]]:
+    """Copy what is written to fd 2 meanwhile (by C code too), to be read after the block;
+    it still reaches the real stderr, the daemon's log."""
+    said: list[bytes] = []
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as tmp:
+            os.dup2(tmp.fileno(), 2)
+            try:
+                yield lambda: b"".join(said).decode(errors="replace")
+            finally:
+                os.dup2(saved, 2)
+                tmp.seek(0)
+                said.append(tmp.read())
+                with contextlib.suppress(OSError):
+                    os.write(2, said[0])
+    finally:
+        os.close(saved)
 
 
 async def _run(ipc: socket.socket) -> None:
@@ -207,6 +235,8 @@ def main() -> None:
         serve_trees(args.store, args.mountpoint, ipc, args.options)
     except OppieError as exc:
         log.error("%s", exc)
+        with contextlib.suppress(OSError):
+            ipc.sendall(f"error: {exc}\n".encode())  # the mount command says why
         sys.exit(1)
 
 

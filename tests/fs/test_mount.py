@@ -291,6 +291,18 @@ def test_second_mount_refused(daemon, tmp_path):
     assert "already" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_bad_fuse_option_says_why(tmp_path):
+    """libfuse names a refused option on stderr only: the mount command passes it on."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = subprocess.run(oppiefs_cmd("mount", str(mnt), "--store", str(tmp_path / "store"),
+                                     "-o", "no_such_option"),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "unknown option" in res.stderr and "no_such_option" in res.stderr
+    assert not mounts_under(tmp_path)
+
+
 def test_fixture_failure_path(tmp_path):
     """A daemon that cannot start makes the fixture fail fast with the reason, no mount left."""
     bad_store = tmp_path / "store"
