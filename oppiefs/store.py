@@ -119,8 +119,6 @@ FORMAT = 2
 # last of an import; the earlier ones wait in fresh records: see Writer). Fresh records are
 # for the few objects of a commit, and every process holds them decoded.
 FRESH_BATCH_MAX = 256
-FILES_KEY_MAX = 511  # LMDB's key size limit, which host paths may exceed
-FILES_KEY_HEAD = FILES_KEY_MAX - 1 - 32  # bytes of a longer path kept at its key's front
 FRESH_MERGE = 256  # fresh records at which a sweep merges them (a few seconds of commits)
 # Fresh records a sweep leaves unmerged, newest first. Most of a search loop's commits are
 # pruned within a few iterations: their ids then go from their record, never having been
@@ -201,6 +199,10 @@ def _willneed(view: memoryview) -> None:
 
 def oid_of(payload: bytes | memoryview) -> bytes:
     return blake3.blake3(payload).digest()
+
+
+FILES_KEY_MAX = 511  # LMDB's key size limit, which host paths may exceed
+FILES_KEY_HEAD = FILES_KEY_MAX - 1 - 32  # bytes of a longer path kept at its key's front
 
 
 def files_key(path: bytes) -> bytes:
