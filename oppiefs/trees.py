@@ -166,22 +166,26 @@ def serve_trees(store_dir: Path, mountpoint: str, ipc: socket.socket,
 @contextlib.contextmanager
 def _stderr_kept() -> Iterator[Callable[[], str]]:
     """Copy what is written to fd 2 meanwhile (by C code too), to be read after the block;
-    it still reaches the real stderr, the daemon's log."""
+    it still reaches the real stderr, the daemon's log. Best effort: without a temporary
+    file the block runs as it is."""
     said: list[bytes] = []
-    saved = os.dup(2)
     try:
-        with tempfile.TemporaryFile() as tmp:
-            os.dup2(tmp.fileno(), 2)
-            try:
-                yield lambda: b"".join(said).decode(errors="replace")
-            finally:
-                os.dup2(saved, 2)
-                tmp.seek(0)
-                said.append(tmp.read())
-                with contextlib.suppress(OSError):
-                    os.write(2, said[0])
-    finally:
-        os.close(saved)
+        tmp = tempfile.TemporaryFile()  # noqa: SIM115 (entered below, once it exists)
+    except OSError:
+        yield lambda: ""
+        return
+    saved = os.dup(2)
+    with tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield lambda: b"".join(said).decode(errors="replace")
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            said.append(tmp.read())
+            with contextlib.suppress(OSError):
+                os.write(2, said[0])
 
 
 async def _run(ipc: socket.socket) -> None:
