@@ -705,7 +705,7 @@ class Store:
         ``keep``: an import calls it with the files it saw, so records of deleted files do
         not pile up. Returns how many went."""
         files = self.db["files"]
-        keep_keys = {files_key(p) for p in keep}
+        kept_long = {files_key(p) for p in keep if len(p) > FILES_KEY_MAX}
         # A key made from a long path holds only its head: under a prefix longer than that
         # head such a key cannot be placed, and is left (a stale record costs a lookup).
         head = prefix[:FILES_KEY_HEAD]
@@ -716,9 +716,10 @@ class Store:
                 for key in cur.iternext(keys=True, values=False):
                     if not key.startswith(head):
                         break
-                    hashed = b"\0" in key
-                    under = len(prefix) <= FILES_KEY_HEAD if hashed else key.startswith(prefix)
-                    if under and key not in keep_keys:
+                    if b"\0" in key:  # a long path's
+                        if len(prefix) <= FILES_KEY_HEAD and key not in kept_long:
+                            stale.append(key)
+                    elif key.startswith(prefix) and key not in keep:
                         stale.append(key)
         if stale:
             self.write(lambda txn: [txn.delete(k, db=files) for k in stale],
