@@ -55,8 +55,9 @@ import os
 import select
 import signal
 import stat
+import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -215,6 +216,46 @@ class _FastTrio:
 # commits, 2.5-150 ms each. At 50,000, a commit (which leaves ~50 objects of cyclic garbage)
 # meets a collection about once in a thousand, and what waits to be collected stays small.
 GC_THRESHOLD = (50_000, 10, 10)
+
+
+def fuse_init(ops: pyfuse3.Operations, mountpoint: str, opts: set[str],
+              user_options: list[str] | None = None) -> None:
+    """``pyfuse3.init`` with the user's ``-o`` options (comma lists) added to ``opts``. A
+    refusal raises an OppieError that says why: libfuse tells that on stderr only."""
+    for opt in user_options or []:
+        opts = opts | {o for o in opt.split(",") if o}
+    try:
+        with _stderr_kept() as said:
+            pyfuse3.init(ops, mountpoint, opts)
+    except RuntimeError as exc:
+        why = " ".join(said().split())
+        raise OppieError(f"cannot mount {mountpoint}: {exc}" + (f" ({why})" if why else "")
+                         ) from exc
+
+
+@contextlib.contextmanager
+def _stderr_kept() -> Iterator[Callable[[], str]]:
+    """Copy what is written to fd 2 meanwhile (by C code too), to be read after the block;
+    it still reaches the real stderr, the daemon's log. Best effort: without a temporary
+    file the block runs as it is."""
+    said: list[bytes] = []
+    try:
+        tmp = tempfile.TemporaryFile()  # noqa: SIM115 (entered below, once it exists)
+    except OSError:
+        yield lambda: ""
+        return
+    saved = os.dup(2)
+    with tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield lambda: b"".join(said).decode(errors="replace")
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            said.append(tmp.read())
+            with contextlib.suppress(OSError):
+                os.write(2, said[0])
 
 
 def tune_gc() -> None:

@@ -30,7 +30,7 @@ import trio
 from . import overlay, tree
 from .control import Control
 from .errors import Busy, InvalidArgument, NotFound, NotMounted, OppieError
-from .fs import STATS_ENV, Operations, serve_requests, tune_gc, watch_signals
+from .fs import STATS_ENV, Operations, fuse_init, serve_requests, tune_gc, watch_signals
 from .state import StateManager
 from .store import lock_file
 from .trees import TreeServer, mountpoint_of
@@ -127,17 +127,14 @@ def serve(mountpoint: str, store_dir: Path, *, options: list[str] | None = None,
                      after_command=trees.changed)
     state.on_released = trees.released
 
-    opts = set(pyfuse3.default_options)
-    opts |= {f"fsname={FSNAME}", f"subtype={FSNAME}"}
-    for opt in options or []:
-        opts |= {o for o in opt.split(",") if o}
+    opts = set(pyfuse3.default_options) | {f"fsname={FSNAME}", f"subtype={FSNAME}"}
     try:
-        pyfuse3.init(ops, mountpoint, opts)
-    except RuntimeError as exc:
+        fuse_init(ops, mountpoint, opts, options)
+    except OppieError:
         trees.stop()
         store.close()
         os.close(lock_fd)
-        raise OppieError(f"cannot mount {mountpoint}: {exc}") from exc
+        raise
     log.info("mounted %s (store %s, trees on %s)", mountpoint, store_dir, trees_mnt)
     stop_gc = threading.Event()
     gc_thread = threading.Thread(target=state.run_gc, args=(stop_gc,), name="gc", daemon=True)

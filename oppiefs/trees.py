@@ -31,8 +31,6 @@ import socket
 import struct
 import subprocess
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyfuse3
@@ -40,7 +38,7 @@ import trio
 
 from . import overlay, tree
 from .errors import OppieError
-from .fs import Operations, serve_requests, tune_gc, watch_signals
+from .fs import Operations, fuse_init, serve_requests, tune_gc, watch_signals
 from .vfs import SNAPSHOTS_INO, Vfs
 
 log = logging.getLogger("oppiefs.trees")
@@ -145,47 +143,17 @@ def serve_trees(store_dir: Path, mountpoint: str, ipc: socket.socket,
     store = tree.open_store(store_dir, create=False)
     ops = Operations(Vfs(tree.Reader(store)))
     opts = set(pyfuse3.default_options) | {f"fsname={FSNAME}", "subtype=oppiefs", "ro"}
-    for opt in options:
-        opts |= {o for o in opt.split(",") if o}
     try:
-        with _stderr_kept() as said:
-            pyfuse3.init(ops, mountpoint, opts)
-    except RuntimeError as exc:
+        fuse_init(ops, mountpoint, opts, options)
+    except OppieError:
         store.close()
-        why = " ".join(said().split())  # libfuse tells what it refused on stderr only
-        raise OppieError(f"cannot mount {mountpoint}: {exc}" + (f" ({why})" if why else "")
-                         ) from exc
+        raise
     set_readahead(mountpoint)
     try:
         trio.run(_run, ipc)
     finally:
         pyfuse3.close(unmount=True)
         store.close()
-
-
-@contextlib.contextmanager
-def _stderr_kept() -> Iterator[Callable[[], str]]:
-    """Copy what is written to fd 2 meanwhile (by C code too), to be read after the block;
-    it still reaches the real stderr, the daemon's log. Best effort: without a temporary
-    file the block runs as it is."""
-    said: list[bytes] = []
-    try:
-        tmp = tempfile.TemporaryFile()  # noqa: SIM115 (entered below, once it exists)
-    except OSError:
-        yield lambda: ""
-        return
-    saved = os.dup(2)
-    with tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield lambda: b"".join(said).decode(errors="replace")
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            said.append(tmp.read())
-            with contextlib.suppress(OSError):
-                os.write(2, said[0])
 
 
 async def _run(ipc: socket.socket) -> None:
