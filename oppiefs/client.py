@@ -21,13 +21,35 @@ import os
 import threading
 from typing import Any, NamedTuple
 
-from .errors import NotMounted, OppieError, from_errno_name
+from .errors import InvalidArgument, NotMounted, from_errno_name
 
 
 class Node(NamedTuple):
     id: str
     path: str
     snapshot: str
+
+
+def _line(words: tuple[str, ...]) -> bytes:
+    """The command line for ``words``: ``import``'s path verbatim (it may hold blanks, the
+    daemon takes the rest of the line), every other word without blanks."""
+    if words and words[0] == "import":
+        head, args = "import", words[1:]
+        if any("\n" in a or "\r" in a for a in args):
+            raise InvalidArgument(f"import: a path with a line break cannot be sent: {args!r}")
+    else:
+        head, args = "", words
+        for w in words:
+            if not w or w != "".join(w.split()):
+                raise InvalidArgument(f"argument {w!r} is empty or contains blanks "
+                                      "(ids and commands are single words)")
+    text = " ".join((head, *args)) if head else " ".join(args)
+    try:
+        return text.encode("utf-8") + b"\n"
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{text!r} is not UTF-8, which the control protocol carries "
+                              "(`oppiefs import PATH` writes to the store directly and takes "
+                              "any path)") from None
 
 
 class Client:
@@ -41,12 +63,15 @@ class Client:
     def _fd(self) -> int:
         fd = getattr(self._local, "fd", None)
         if fd is None:
+            hint = (f" (is oppiefs mounted at {self.mountpoint}? `oppiefs mount "
+                    f"{self.mountpoint}` starts it)")
+            if not os.path.ismount(self.mountpoint):  # never write commands into a file
+                raise NotMounted(f"{self.mountpoint} is not a mount point{hint}")
             try:
                 fd = self._local.fd = os.open(self.ctl, os.O_RDWR | os.O_CLOEXEC)
             except OSError as exc:
-                hint = (f" (is oppiefs mounted at {self.mountpoint}? `oppiefs mount "
-                        f"{self.mountpoint}` starts it)" if exc.errno == errno.ENOENT else "")
-                raise NotMounted(f"cannot open {self.ctl}: {exc.strerror}{hint}") from exc
+                why = hint if exc.errno == errno.ENOENT else ""
+                raise NotMounted(f"cannot open {self.ctl}: {exc.strerror}{why}") from exc
             with self._lock:
                 self._fds.add(fd)
         return fd
@@ -70,13 +95,18 @@ class Client:
                 os.close(fd)
 
     def call(self, *words: str) -> dict[str, Any]:
-        """Send one command, return its reply; raise the matching OppieError on failure."""
-        line = " ".join(words)
-        if "\n" in line:
-            raise OppieError("a command may not contain a newline")
+        """Send one command, return its reply; raise the matching OppieError on failure.
+
+        Words are checked here, where the line is built: an id with a blank in it would
+        reach the daemon as two words, and a path that is not UTF-8 cannot be written
+        at all. Whatever interrupts a call between its write and its read (a timeout, a
+        signal, Ctrl-C) closes this thread's handle: its late reply would otherwise be
+        read as the answer to the next command.
+        """
+        line = _line(words)
         fd = self._fd()
         try:
-            os.write(fd, line.encode() + b"\n")
+            os.write(fd, line)
             buf = b""
             while not buf.endswith(b"\n"):
                 chunk = os.read(fd, 65536)
@@ -86,6 +116,9 @@ class Client:
         except OSError as exc:
             self._forget_fd()
             raise NotMounted(f"control file {self.ctl}: {exc.strerror}") from exc
+        except BaseException:
+            self._forget_fd()
+            raise
         reply = json.loads(buf)
         if not reply.get("ok"):
             raise from_errno_name(reply.get("error", "EIO"), reply.get("message", ""))

@@ -133,6 +133,9 @@ class Control:
         except UnicodeDecodeError:
             raise InvalidArgument("command line is not valid UTF-8") from None
         if not text.replace("\t", " ").isprintable():
+            if text.endswith("\r"):
+                raise InvalidArgument("command line ends with a carriage return (end lines "
+                                      "with \\n alone, not \\r\\n)")
             raise InvalidArgument("command line contains control characters")
         words = text.split()
         if not words:
@@ -143,8 +146,10 @@ class Control:
             raise InvalidArgument(f"unknown command {name!r} (try 'help')")
         lo, hi, fn = spec
         if name == "import" and args:
-            # Paths may contain spaces: take the rest of the line verbatim.
-            args = [text.split(None, 1)[1].strip()]
+            # Paths may contain spaces, leading and trailing ones too: the path is the rest
+            # of the line after one separator, verbatim (stripping it could import another
+            # directory; extra blanks make a relative path, which is refused).
+            args = [text.lstrip()[len(name) + 1:]]
         if not lo <= len(args) <= hi:
             usage = COMMANDS[name].split(":")[0]
             raise InvalidArgument(f"usage: {usage}")

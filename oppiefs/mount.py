@@ -33,6 +33,8 @@ from .errors import Busy, InvalidArgument, NotFound, NotMounted, OppieError
 from .fs import STATS_ENV, Operations, fuse_init, serve_requests, tune_gc, watch_signals
 from .state import StateManager
 from .store import lock_file
+from .trees import DIR_NAME as TREES_DIR
+from .trees import FSNAME as TREES_FSNAME
 from .trees import TreeServer, mountpoint_of
 from .vfs import Vfs
 
@@ -233,19 +235,33 @@ def _last_error(logfile: Path) -> str:
 
 
 def umount(mountpoint: str, *, timeout: float = 30.0) -> None:
-    """Unmount nodes, then the FUSE mount; wait for the daemon to let go."""
+    """Unmount the FUSE mount and with it every node; wait for the daemon to let go.
+
+    All or nothing: a node or ``ctl`` still in use (a shell's cwd, an open file, a client's
+    handle) is found before anything is unmounted, and the answer is EBUSY with everything
+    still served. Unmounting the nodes one by one first left the mount half torn down when
+    one of them was busy: nodes that looked empty, and writes into them hidden. The daemon
+    detaches the nodes itself when ``<mnt>`` goes (lazily: a process that got in meanwhile
+    keeps its view, and its writes land in the upper dir, which the next mount attaches).
+    """
     mountpoint = os.path.abspath(mountpoint)
     if not is_oppiefs_mount(mountpoint):
         raise NotFound(f"{mountpoint} is not an oppiefs mount")
     if not mount_alive(mountpoint):
-        overlay.detach_stale(mountpoint)
+        detach_dead(mountpoint)
         return
     try:  # node overlays sit on the tree server's mount, which snapshots/ leads to
         trees_mnt = os.path.dirname(os.readlink(os.path.join(mountpoint, "snapshots")))
     except OSError:
         trees_mnt = mountpoint
-    for m in overlay.overlays_on(trees_mnt):
-        overlay.unmount(m)  # Busy if an agent still works inside a node
+    busy = [m for m in overlay.overlays_on(trees_mnt) if overlay.in_use(m)]
+    if busy:
+        raise Busy(f"cannot unmount {mountpoint}: a process still uses "
+                   f"{_listed([os.path.basename(os.path.dirname(m)) for m in busy], 'node')}"
+                   " (its cwd or an open file); nothing was unmounted")
+    if overlay.in_use(mountpoint):
+        raise Busy(f"cannot unmount {mountpoint}: a process still uses it (an open ctl "
+                   "handle, a Client, a cwd); nothing was unmounted")
     res = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
     if res.returncode != 0:
         msg = res.stderr.strip() or f"fusermount3 exited {res.returncode}"
@@ -256,6 +272,44 @@ def umount(mountpoint: str, *, timeout: float = 30.0) -> None:
     while time.monotonic() < deadline and (is_oppiefs_mount(mountpoint)
                                            or is_oppiefs_mount(trees_mnt)):
         time.sleep(0.05)
+
+
+def _listed(names: list[str], what: str, most: int = 5) -> str:
+    shown = ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most
+                                       else "")
+    return f"{what}{'s' if len(names) > 1 else ''} {shown}"
+
+
+def detach_dead(mountpoint: str) -> list[str]:
+    """Clean up after a daemon that died: its mount, every tree server mount that no
+    longer answers, and every node overlay whose lower is not served any more. A dead
+    ``<mnt>`` cannot say which store it served; but a tree server exits with its daemon
+    (its mount dead, or gone, with the overlays still on it), so those are stale whichever
+    store they belong to, and a live daemon's nodes always sit on a live tree server.
+    Returns what went."""
+    gone = overlay.detach_stale(mountpoint)
+    live = set()
+    for m in overlay.mounts():
+        if m.fstype.startswith("fuse") and m.source == TREES_FSNAME:
+            if _answers(m.mountpoint):
+                live.add(m.mountpoint)
+            else:
+                gone += overlay.detach_stale(m.mountpoint)
+    for merged, lower in overlay.overlay_lowers():
+        trees, sep, _ = lower.rpartition(f"/{TREES_DIR}/snapshots/")
+        if sep and trees + f"/{TREES_DIR}" not in live:
+            overlay.unmount(merged, lazy=True)
+            gone.append(merged)
+    for m in gone:
+        log.warning("detached stale mount %s", m)
+    return gone
+
+
+def _answers(path: str) -> bool:
+    try:
+        return mount_alive(path)
+    except OSError:
+        return True  # not ours to judge
 
 
 def setup_logging(debug: bool) -> None:

@@ -111,6 +111,8 @@ def bad_lines(snap: str, node: str, work: Path) -> list[tuple[bytes, str]]:
         (b"import " + os.fsencode(work / "a file"), "EINVAL"),  # not a directory
         (b"import " + os.fsencode(work / "no-such-dir"), "ENOENT"),
         (b"import " + os.fsencode(work / "dir with space") + b" x", "ENOENT"),
+        (b"import " + os.fsencode(work / "dir with space") + b" ", "ENOENT"),  # verbatim
+        (b"import  " + os.fsencode(work / "dir with space"), "EINVAL"),  # " /...": relative
         (b"import /nonexistent/oppiefs/x", "ENOENT"),
         # bytes that are not a command line
         (b"", "EINVAL"),
@@ -152,6 +154,7 @@ def test_error_messages_name_the_problem(mdaemon, env):
     assert "longer than 4096" in s.call(b"y" * 5000)["message"]
     assert "UTF-8" in s.call(b"\xff")["message"]
     assert "unknown command" in s.call(b"nope")["message"]
+    assert "carriage return" in s.call(b"status\r")["message"]
     assert UNKNOWN_SNAP in s.call(f"prune {UNKNOWN_SNAP}")["message"]
 
 
@@ -188,6 +191,19 @@ def test_whitespace_is_tolerated(mdaemon, env):
     child = s.call(f"fork\t{snap}")
     assert child["ok"] is True
     assert s.call(f"drop   {child['node']} ") == {"ok": True, "node": child["node"]}
+
+
+def test_import_path_is_taken_verbatim(mdaemon, env):
+    """Blanks at either end of a path are part of it: stripping them once imported the
+    neighbouring directory without a word."""
+    s, _, _, work = env
+    for name, text in (("trail ", "with the blank\n"), ("trail", "without\n")):
+        (work / name).mkdir()
+        (work / name / "f").write_text(text)
+    got = s.call(f"import {work / 'trail '}")
+    assert got["ok"] is True, got
+    assert (mdaemon.mnt / "snapshots" / got["snapshot"] / "f").read_text() == "with the blank\n"
+    assert s.call(f"prune {got['snapshot']}")["ok"] is True
 
 
 def test_pipelined_commands_reply_in_order(mdaemon, env):

@@ -211,6 +211,37 @@ def test_client_raises_typed_errors(mdaemon, shared):
         Client(mdaemon.mnt / "snapshots").status()
 
 
+def test_client_checks_words_and_stays_in_step(mdaemon, shared, tmp_path, monkeypatch):
+    """What cannot be one command line is refused before anything is sent; a call cut off
+    between its write and its read (a timeout, Ctrl-C) does not leave its late reply to be
+    read as the next command's; a plain file named ctl is never written to."""
+    c, snap, _ = shared
+    for fn in (lambda: c.commit("a b"), lambda: c.fork(""), lambda: c.prune(f"{snap} x"),
+               lambda: c.import_(os.fsdecode(b"/tmp/\xff")), lambda: c.import_("/a\nstatus")):
+        with pytest.raises(InvalidArgument):
+            fn()
+    real_read = os.read
+
+    def interrupted(fd: int, n: int) -> bytes:
+        monkeypatch.setattr(os, "read", real_read)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "read", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        c.fork(snap)  # runs; its reply is never read
+    assert os.read is real_read
+    assert "snapshots" in c.status()  # a new session, in step
+    nodes = [n for n in os.listdir(mdaemon.mnt / "nodes")]
+    for n in nodes:  # the fork whose reply was lost (and any a failed test left)
+        c.drop(n)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "ctl").write_text("keep\n")
+    with pytest.raises(NotMounted, match="not a mount point"):
+        Client(plain).status()
+    assert (plain / "ctl").read_text() == "keep\n"
+
+
 def test_pruned_snapshot_with_live_node(mdaemon, tmp_path):
     """Prune hides the snapshot at once, the node keeps working, drop lets GC free it."""
     with Client(mdaemon.mnt) as c:
@@ -345,6 +376,93 @@ def test_nodes_survive_unmount_and_remount(tmp_path):
             d2.stop()
         d.stop()
     assert mounts_under(tmp_path) == []
+
+
+def test_umount_is_all_or_nothing(tmp_path):
+    """A node or ctl in use makes ``oppiefs umount`` answer EBUSY with everything still
+    served: no node half detached, no write into one hidden. Once free, one umount takes
+    it all down, and the next mount brings the uncommitted work back."""
+    src = make_src(tmp_path / "src")
+    d = Daemon(tmp_path / "mnt", tmp_path / "store").start()
+    d2: Daemon | None = None
+    sleeper: subprocess.Popen[bytes] | None = None
+    try:
+        with Client(d.mnt) as c:
+            snap = c.import_(src)
+            a, b = c.fork(snap), c.fork(snap)
+        (Path(a.path) / "work.txt").write_text("uncommitted\n")
+        sleeper = subprocess.Popen(["sleep", "60"], cwd=b.path)
+        res = subprocess.run([*OPPIEFS, "umount", str(d.mnt)], capture_output=True, text=True,
+                             timeout=60)
+        assert res.returncode == Busy.exit_code, res.stderr
+        assert f"node {b.id}" in res.stderr and "nothing was unmounted" in res.stderr
+        sleeper.kill()
+        sleeper.wait()
+        ctl = os.open(d.mnt / "ctl", os.O_RDWR)  # what a Client holds between calls
+        try:
+            res = subprocess.run([*OPPIEFS, "umount", str(d.mnt)], capture_output=True,
+                                 text=True, timeout=60)
+        finally:
+            os.close(ctl)
+        assert res.returncode == Busy.exit_code and "ctl" in res.stderr, res.stderr
+        for n in (a, b):  # still attached, and writable
+            assert (Path(n.path) / "top.txt").read_text() == "top src\n"
+        (Path(a.path) / "later.txt").write_text("after the refusals\n")
+        with Client(d.mnt) as c:
+            c.commit(b.id)
+        res = subprocess.run([*OPPIEFS, "umount", str(d.mnt)], capture_output=True, text=True,
+                             timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert d.proc is not None and d.proc.wait(30) == 0
+        assert mounts_under(tmp_path) == []
+        d2 = Daemon(d.mnt, d.store).start()
+        assert (Path(a.path) / "work.txt").read_text() == "uncommitted\n"
+        assert (Path(a.path) / "later.txt").read_text() == "after the refusals\n"
+    finally:
+        if sleeper is not None and sleeper.poll() is None:
+            sleeper.kill()
+            sleeper.wait()
+        if d2 is not None:
+            d2.stop()
+        d.stop()
+    assert mounts_under(tmp_path) == []
+
+
+def test_umount_after_kill_9_cleans_every_mount(tmp_path):
+    """``oppiefs umount`` of a mount whose daemon died takes down its tree server's dead
+    mount and the node overlays on it too, not only ``<mnt>``; the next mount re-attaches
+    the nodes."""
+    src = make_src(tmp_path / "src")
+    d = Daemon(tmp_path / "mnt", tmp_path / "store").start()
+    d2: Daemon | None = None
+    try:
+        with Client(d.mnt) as c:
+            node = c.fork(c.import_(src))
+        (Path(node.path) / "work.txt").write_text("uncommitted\n")
+        d.kill()
+        wait_for(lambda: not any(fs == "fuse.oppiefs" and mp.endswith("/trees")
+                                 and _dead(mp) is False for mp, fs in mounts_under(tmp_path)),
+                 what="the tree server to exit")
+        assert any(fs == "overlay" for _, fs in mounts_under(tmp_path))
+        res = subprocess.run([*OPPIEFS, "umount", str(d.mnt)], capture_output=True, text=True,
+                             timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert mounts_under(tmp_path) == []
+        d2 = Daemon(d.mnt, d.store).start()
+        assert (Path(node.path) / "work.txt").read_text() == "uncommitted\n"
+    finally:
+        if d2 is not None:
+            d2.stop()
+        d.stop()
+    assert mounts_under(tmp_path) == []
+
+
+def _dead(path: str) -> bool:
+    try:
+        os.statvfs(path)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
 
 
 @pytest.mark.parametrize("store_name", ["store", "st,o:re\\ x"], ids=["plain", "separators"])
