@@ -350,10 +350,13 @@ def overlay_lowers() -> list[tuple[str, str]]:
 
 # -- reading an upper dir -------------------------------------------------------------------
 
-OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque")
-WHITEOUT_XATTRS = (b"trusted.overlay.whiteout", b"user.overlay.whiteout")
-REFUSED_XATTRS = (b"trusted.overlay.redirect", b"trusted.overlay.metacopy",
-                  b"user.overlay.redirect", b"user.overlay.metacopy")
+# Nodes are mounted without ``userxattr``, so overlayfs keeps its own marks in
+# ``trusted.overlay.*`` only: a ``user.overlay.*`` xattr is one a program in the node set (a
+# tar of a rootless container layer, say), meaningless to the kernel's view of the node,
+# and reading it as a mark would commit a tree the node never showed.
+OPAQUE_XATTRS = (b"trusted.overlay.opaque",)
+WHITEOUT_XATTRS = (b"trusted.overlay.whiteout",)
+REFUSED_XATTRS = (b"trusted.overlay.redirect", b"trusted.overlay.metacopy")
 
 
 class UpperItem(NamedTuple):

@@ -141,6 +141,30 @@ def test_commit_refuses_special_files_and_leaves_the_node_usable(mdaemon, shared
     fsck_clean(mdaemon.store)
 
 
+def test_user_overlay_xattrs_are_a_programs_own(mdaemon, shared):
+    """Without ``userxattr`` the kernel ignores ``user.overlay.*``, so the commit must too:
+    a dir marked opaque, an empty file marked a whiteout and a file carrying a redirect that
+    way are what the node shows them to be, ordinary ones."""
+    c, snap, _ = shared
+    node = c.fork(snap)
+    try:
+        merged = Path(node.path)
+        os.setxattr(merged / "sub", "user.overlay.opaque", b"y")
+        (merged / "empty").write_bytes(b"")
+        os.setxattr(merged / "empty", "user.overlay.whiteout", b"y")
+        (merged / "moved").write_text("here\n")
+        os.setxattr(merged / "moved", "user.overlay.redirect", b"/elsewhere")
+        os.setxattr(merged / "moved", "user.overlay.metacopy", b"")
+        child = c.commit(node)
+        shown = mdaemon.mnt / "snapshots" / child
+        assert sorted(os.listdir(shown / "sub")) == sorted(os.listdir(merged / "sub")) != []
+        assert (shown / "empty").read_bytes() == b""
+        assert_same_tree(merged, shown)
+        c.prune(child)
+    finally:
+        c.drop(node)
+
+
 def test_log_prints_lineage(mdaemon, shared):
     c, s0, _ = shared
     n1 = c.fork(s0)
