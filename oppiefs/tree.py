@@ -986,8 +986,20 @@ def store_file(w: Writer, path: bytes) -> tuple[int, bytes, int]:
     return T_CHUNKED, w.put(KIND_LIST, encode_list(chunks), [c for c, _ in chunks]), size
 
 
-def entry_from_stat(name: bytes, st: os.stat_result, etype: int, ref: bytes = ZERO_ID,
-                    size: int = 0, target: bytes = b"") -> Entry:
+MTIME_MIN, MTIME_MAX = -(1 << 63), (1 << 63) - 1  # what an entry stores: int64 ns
+
+
+def entry_from_stat(path: bytes, name: bytes, st: os.stat_result, etype: int,
+                    ref: bytes = ZERO_ID, size: int = 0, target: bytes = b"") -> Entry:
+    """The entry for ``name`` (at host ``path``, which errors name).
+
+    An mtime past int64 nanoseconds (after 2262-04-11: ext4 and ``touch`` take dates up to
+    2446) is refused, naming the file, rather than changed: a snapshot keeps what it was
+    given or says it cannot."""
+    if not MTIME_MIN <= st.st_mtime_ns <= MTIME_MAX:
+        raise Unsupported(f"{os.fsdecode(path)}: its mtime ({st.st_mtime:.0f} s since 1970) "
+                          "lies outside what a snapshot stores (1677-09-21 to 2262-04-11); "
+                          "set another with touch")
     return Entry(name, etype, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, size,
                  st.st_mtime_ns, ref, target)
 
@@ -1055,17 +1067,18 @@ class Importer:
                 self.report.bytes += size
                 if self.progress:
                     self.progress(size, 1)
-                return entry_from_stat(name, st, etype, ref, size)
+                return entry_from_stat(path, name, st, etype, ref, size)
             if stat.S_ISDIR(mode):
                 built = self.tree(path)
                 self._sub.append((built.bytes, built.files))
-                return entry_from_stat(name, st, T_DIR, built.oid, built.entries)
+                return entry_from_stat(path, name, st, T_DIR, built.oid, built.entries)
             if stat.S_ISLNK(mode):
                 target = os.readlink(path)
                 if len(target) > 0xFFFF:
                     raise Unsupported(f"{os.fsdecode(path)}: symlink target too long")
                 self.report.symlinks += 1
-                return entry_from_stat(name, st, T_SYMLINK, size=len(target), target=target)
+                return entry_from_stat(path, name, st, T_SYMLINK, size=len(target),
+                                       target=target)
         except OSError as exc:
             raise from_oserror(exc, os.fsdecode(path)) from exc
         kind = _special_kind(mode)
@@ -1300,7 +1313,7 @@ def apply_upper(reader: Reader, w: Writer, base: bytes | None, upper: bytes,
         if kind == "dir" or kind == "opaque-dir":
             below = low.ref if kind == "dir" and low is not None and low.type == T_DIR else None
             built = apply_upper(reader, w, below, item.path, scan)
-            e = entry_from_stat(name, st, T_DIR, built.oid, built.entries)
+            e = entry_from_stat(item.path, name, st, T_DIR, built.oid, built.entries)
             count(e, 1, (built.bytes, built.files))
         else:
             if kind == "symlink":
@@ -1308,13 +1321,14 @@ def apply_upper(reader: Reader, w: Writer, base: bytes | None, upper: bytes,
                     target = os.readlink(item.path)
                 except OSError as exc:
                     raise from_oserror(exc, os.fsdecode(item.path)) from exc
-                e = entry_from_stat(name, st, T_SYMLINK, size=len(target), target=target)
+                e = entry_from_stat(item.path, name, st, T_SYMLINK, size=len(target),
+                                    target=target)
             elif kind == "file":
                 try:
                     etype, ref, size = store_file(w, item.path)
                 except OSError as exc:
                     raise from_oserror(exc, os.fsdecode(item.path)) from exc
-                e = entry_from_stat(name, st, etype, ref, size)
+                e = entry_from_stat(item.path, name, st, etype, ref, size)
             else:
                 raise Unsupported(f"{os.fsdecode(item.path)}: unknown upper entry {kind}")
             count(e, 1)

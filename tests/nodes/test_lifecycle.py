@@ -17,7 +17,14 @@ import pytest
 
 from oppiefs import overlay
 from oppiefs.client import Client
-from oppiefs.errors import Busy, InvalidArgument, NotFound, NotMounted, OppieError
+from oppiefs.errors import (
+    Busy,
+    InvalidArgument,
+    NotFound,
+    NotMounted,
+    OppieError,
+    Unsupported,
+)
 from tests.cliutil import OPPIEFS, Cli
 from tests.mountutil import Daemon, mounts_under
 from tests.nodeutil import fsck_clean, node_dirs, wait_for
@@ -139,6 +146,37 @@ def test_commit_refuses_special_files_and_leaves_the_node_usable(mdaemon, shared
     finally:
         c.drop(node)
     fsck_clean(mdaemon.store)
+
+
+def test_mtimes_past_2262_are_refused_by_name(mdaemon, shared, tmp_path):
+    """An entry keeps its mtime in int64 nanoseconds; ext4 takes dates up to 2446. Such a
+    file makes commit and import fail naming it (EOPNOTSUPP, not an internal EIO), with
+    nothing stored; the node commits once the date is one a snapshot can keep."""
+    c, snap, _ = shared
+    far = 10_500_000_000  # 2302
+    node = c.fork(snap)
+    try:
+        merged = Path(node.path)
+        (merged / "sub" / "future").write_text("later\n")
+        os.utime(merged / "sub" / "future", (far, far))
+        before = c.status()
+        with pytest.raises(Unsupported, match="sub/future: its mtime"):
+            c.commit(node)
+        assert c.status() == before
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "future").write_text("later\n")
+        os.utime(src / "future", (far, far))
+        with pytest.raises(Unsupported, match="src/future: its mtime"):
+            c.import_(src)
+        assert c.status() == before
+        os.utime(merged / "sub" / "future", (far // 10, far // 10))
+        child = c.commit(node)
+        shown = mdaemon.mnt / "snapshots" / child / "sub" / "future"
+        assert os.stat(shown).st_mtime_ns == far // 10 * 10**9
+        c.prune(child)
+    finally:
+        c.drop(node)
 
 
 def test_user_overlay_xattrs_are_a_programs_own(mdaemon, shared):
