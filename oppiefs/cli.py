@@ -21,7 +21,7 @@ from typing import Any
 import click
 
 from . import tree
-from .errors import OppieError
+from .errors import OppieError, as_oppie_error
 from .store import Store, default_store_dir
 from .store import compact as compact_store
 
@@ -42,9 +42,12 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
             _fail(exc, exc.exit_code)
         except KeyboardInterrupt:
             _fail(Exception("interrupted"), 130)
-        except Exception as exc:  # unexpected: still one line unless debugging
+        except Exception as exc:  # a host error says what it hit; the rest is a bug
             if os.environ.get("OPPIEFS_DEBUG"):
                 raise
+            err = as_oppie_error(exc)
+            if err is not None:
+                _fail(err, err.exit_code)
             _fail(Exception(f"internal error: {type(exc).__name__}: {exc}"), 1)
 
     return wrapper

@@ -117,7 +117,7 @@ def from_errno_name(name: str, message: str) -> OppieError:
 
 def from_oserror(exc: OSError, what: str) -> OppieError:
     """Map an OSError from host I/O to the matching OppieError with a precise message."""
-    text = f"{_shortened(what)}: {exc.strerror or exc}"
+    text = f"{_shortened(what)}: {exc.strerror or exc}" if what else str(exc.strerror or exc)
     if exc.errno == _errno.ENAMETOOLONG:
         name = exc.filename
         size = f"{len(os.fsencode(name))} bytes; " if isinstance(name, str | bytes) else ""
@@ -135,6 +135,19 @@ def from_oserror(exc: OSError, what: str) -> OppieError:
         _errno.EEXIST: AlreadyExists,
     }
     return mapping.get(exc.errno or 0, OppieError)(text)
+
+
+def as_oppie_error(exc: BaseException) -> OppieError | None:
+    """The OppieError ``exc`` stands for: itself, an OSError's typed equivalent, or the one
+    error inside an exception group (trio's nursery wraps what its tasks raise; the
+    builtin group, or on Python 3.10 the backport trio uses, hence no isinstance)."""
+    while len(getattr(exc, "exceptions", ())) == 1:
+        exc = exc.exceptions[0]  # type: ignore[attr-defined]
+    if isinstance(exc, OppieError):
+        return exc
+    if isinstance(exc, OSError):
+        return from_oserror(exc, os.fsdecode(exc.filename) if exc.filename else "")
+    return None
 
 
 def _shortened(what: str, keep: int = 240) -> str:

@@ -13,7 +13,9 @@ the daemon's log.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import logging
 import os
 import select
@@ -29,7 +31,16 @@ import trio
 
 from . import overlay, tree
 from .control import Control
-from .errors import Busy, InvalidArgument, NotFound, NotMounted, OppieError
+from .errors import (
+    Busy,
+    InvalidArgument,
+    NotFound,
+    NotMounted,
+    OppieError,
+    as_oppie_error,
+    from_errno_name,
+    from_oserror,
+)
 from .fs import STATS_ENV, Operations, fuse_init, serve_requests, tune_gc, watch_signals
 from .state import StateManager
 from .store import lock_file
@@ -102,19 +113,78 @@ def _lock_store(store_dir: Path) -> int:
 # -- the daemon -----------------------------------------------------------------------------
 
 
+class Ready:
+    """The pipe a background start waits on: one line, ``ok [problems]`` once serving or
+    ``error ERRNO message`` if the start failed (so the caller raises the same error, with
+    its exit code, instead of guessing from the log). Sent once; later sends do nothing."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    def send(self, line: str) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            try:
+                os.write(fd, " ".join(line.split()).encode(errors="replace") + b"\n")
+            except OSError:
+                pass  # the caller is gone: nobody to tell
+            finally:
+                os.close(fd)
+
+
 def serve(mountpoint: str, store_dir: Path, *, options: list[str] | None = None,
           debug: bool = False, notify_fd: int | None = None) -> None:
-    """Run the daemon in the foreground until unmounted or signalled."""
+    """Run the daemon in the foreground until unmounted or signalled.
+
+    The mountpoint is locked (a flock on the directory beneath the mount, held for the
+    daemon's life) before it is checked and mounted, so two daemons started at once for
+    one mountpoint cannot both pass the check and stack their mounts."""
     mountpoint = os.path.abspath(mountpoint)
     store_dir = Path(os.path.abspath(store_dir))
+    ready = Ready(notify_fd)
+    try:
+        if os.path.commonpath([mountpoint, store_dir]) == mountpoint:
+            raise InvalidArgument(f"store {store_dir} lies inside the mountpoint {mountpoint}, "
+                                  "which the mount would hide")
+        prepare_mountpoint(mountpoint)
+        mnt_fd = _lock_mountpoint(mountpoint)
+        try:
+            _serve(mountpoint, store_dir, options or [], ready)
+        finally:
+            os.close(mnt_fd)
+    except BaseException as exc:
+        err = as_oppie_error(exc)
+        ready.send(f"error {err.errno_name} {err.message}" if err is not None
+                   else f"error EIO internal error: {type(exc).__name__}: {exc}")
+        if err is None or err is exc:
+            raise
+        raise err from exc
+
+
+def _lock_mountpoint(mountpoint: str) -> int:
+    try:
+        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise from_oserror(exc, f"mountpoint {mountpoint}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise Busy(f"{mountpoint} is being mounted by another oppiefs daemon") from None
+    if is_oppiefs_mount(mountpoint):  # mounted before we locked: we opened its root
+        os.close(fd)
+        raise Busy(f"{mountpoint} is already mounted and alive")
+    return fd
+
+
+def _serve(mountpoint: str, store_dir: Path, options: list[str], ready: Ready) -> None:
     store_dir.mkdir(parents=True, exist_ok=True)
-    prepare_mountpoint(mountpoint)
     lock_fd = _lock_store(store_dir)
     store = tree.open_store(store_dir)
     trees_mnt = mountpoint_of(store_dir)
     try:
         prepare_trees_mountpoint(str(trees_mnt))
-        trees = TreeServer(store_dir, options or [])
+        trees = TreeServer(store_dir, options)
     except OppieError:
         store.close()
         os.close(lock_fd)
@@ -143,7 +213,7 @@ def serve(mountpoint: str, store_dir: Path, *, options: list[str] | None = None,
     gc_thread.start()
     clean = False
     try:
-        trio.run(_run, state, trees, notify_fd)
+        trio.run(_run, state, trees, ready)
         clean = True
     finally:
         stop_gc.set()
@@ -159,7 +229,7 @@ def serve(mountpoint: str, store_dir: Path, *, options: list[str] | None = None,
         log.info("unmounted %s%s", mountpoint, "" if clean else " after an error")
 
 
-async def _run(state: StateManager, trees: TreeServer, notify_fd: int | None) -> None:
+async def _run(state: StateManager, trees: TreeServer, ready: Ready) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch_signals, nursery.cancel_scope)
 
@@ -175,10 +245,7 @@ async def _run(state: StateManager, trees: TreeServer, notify_fd: int | None) ->
         nursery.start_soon(fuse_main)
         nursery.start_soon(watch_trees)
         problems = await trio.to_thread.run_sync(state.recover)
-        if notify_fd is not None:
-            msg = "ok\n" if not problems else "ok " + "; ".join(problems) + "\n"
-            os.write(notify_fd, msg.encode())
-            os.close(notify_fd)
+        ready.send(" ".join(["ok", "; ".join(problems)]))
 
 
 # -- background start / stop ----------------------------------------------------------------
@@ -188,7 +255,10 @@ def start_background(mountpoint: str, store_dir: Path, *, options: list[str],
                      debug: bool, timeout: float = 120.0) -> str:
     """Spawn the daemon detached; return once it serves (or raise with its reason)."""
     store_dir = Path(os.path.abspath(store_dir))
-    store_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        store_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise from_oserror(exc, f"store {store_dir}") from exc
     logfile = store_dir / LOG_NAME
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "oppiefs.cli", "mount", "--foreground", "--notify-fd", str(w),
@@ -197,9 +267,14 @@ def start_background(mountpoint: str, store_dir: Path, *, options: list[str],
         cmd += ["-o", opt]
     if debug:
         cmd.append("--debug")
+    # The daemon runs in / (a daemon left in the caller's cwd would keep that file system
+    # from being unmounted), so it finds this package by path, installed or not.
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p))
     with open(logfile, "ab") as logf:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                pass_fds=(w,), start_new_session=True)
+                                pass_fds=(w,), start_new_session=True, cwd="/", env=env)
     os.close(w)
     deadline = time.monotonic() + timeout
     data = b""
@@ -217,6 +292,11 @@ def start_background(mountpoint: str, store_dir: Path, *, options: list[str],
         os.close(r)
     if data.startswith(b"ok"):
         return data[2:].decode().strip()
+    if data.startswith(b"error "):
+        name, _, message = data[6:].decode(errors="replace").strip().partition(" ")
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        raise from_errno_name(name, f"mount failed: {message} (log: {logfile})")
     try:
         proc.wait(timeout=10 if eof else 0.1)
     except subprocess.TimeoutExpired:
@@ -268,10 +348,29 @@ def umount(mountpoint: str, *, timeout: float = 30.0) -> None:
         if "busy" in msg.lower():
             raise Busy(f"{mountpoint} is busy: {msg}")
         raise NotMounted(msg)
-    deadline = time.monotonic() + timeout  # the daemon takes its tree server down last
+    # The daemon takes its tree server down last, then closes the store: only then may the
+    # next mount of the same store or mountpoint start (it would find them locked).
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and (is_oppiefs_mount(mountpoint)
-                                           or is_oppiefs_mount(trees_mnt)):
-        time.sleep(0.05)
+                                           or is_oppiefs_mount(trees_mnt)
+                                           or _locked(Path(trees_mnt).parent / LOCK_NAME)
+                                           or _locked(Path(mountpoint))):
+        time.sleep(0.02)
+
+
+def _locked(path: Path) -> bool:
+    """Whether a daemon still holds its flock on ``path`` (asked without creating it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _listed(names: list[str], what: str, most: int = 5) -> str:

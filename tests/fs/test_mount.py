@@ -291,6 +291,60 @@ def test_second_mount_refused(daemon, tmp_path):
     assert "already" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_background_mount_errors_keep_their_class(tmp_path):
+    """A background mount's refusal comes back from the daemon with its errno, so the
+    exit code is the one a foreground mount gives, and the message is the daemon's own
+    (not whatever line its log ends with)."""
+    with Daemon(tmp_path / "mnt", tmp_path / "store") as d:
+        res = subprocess.run(oppiefs_cmd("mount", str(d.mnt), "--store", str(tmp_path / "b")),
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 5, res.stderr  # Busy
+        assert "already mounted" in res.stderr and "Traceback" not in res.stderr
+        res = subprocess.run(oppiefs_cmd("mount", str(tmp_path / "m2"), "--store", str(d.store)),
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 5 and "already served" in res.stderr, res.stderr
+    inside = tmp_path / "m3"
+    res = subprocess.run(oppiefs_cmd("mount", str(inside), "--store", str(inside / "store")),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "inside the mountpoint" in res.stderr, res.stderr
+    (tmp_path / "file").write_text("")
+    res = subprocess.run(oppiefs_cmd("mount", str(tmp_path / "m4"), "--store",
+                                     str(tmp_path / "file" / "store")),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "Not a directory" in res.stderr, res.stderr
+    assert "internal error" not in res.stderr
+    assert not mounts_under(tmp_path)
+
+
+def test_mounts_at_once_on_one_mountpoint(tmp_path):
+    """Two daemons started together for one mountpoint (other stores): one serves, the
+    other is refused; never two mounts stacked. Then umount returns only once the daemon
+    has let go, so mounting again at once works."""
+    mnt = tmp_path / "mnt"
+    procs = [subprocess.Popen(oppiefs_cmd("mount", str(mnt), "--store", str(tmp_path / s)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for s in ("a", "b")]
+    try:
+        codes = sorted(p.wait(60) for p in procs)
+        assert codes == [0, 5], [p.stderr.read() for p in procs if p.stderr]
+        assert [fs for mp, fs in mounts_under(mnt) if mp == str(mnt)] == ["fuse.oppiefs"]
+        served = next(s for s in ("a", "b") if (tmp_path / s / "mount.lock").exists()
+                      and is_live_mount(tmp_path / s / "trees"))
+        for _ in range(3):
+            res = subprocess.run(oppiefs_cmd("umount", str(mnt)), capture_output=True,
+                                 text=True, timeout=60)
+            assert res.returncode == 0, res.stderr
+            res = subprocess.run(oppiefs_cmd("mount", str(mnt), "--store",
+                                             str(tmp_path / served)),
+                                 capture_output=True, text=True, timeout=60)
+            assert res.returncode == 0, res.stderr
+    finally:
+        subprocess.run(oppiefs_cmd("umount", str(mnt)), capture_output=True, timeout=60)
+        for mp, _ in mounts_under(tmp_path):
+            subprocess.run(["umount", "-l", mp], capture_output=True)
+    assert not mounts_under(tmp_path)
+
+
 def test_bad_fuse_option_says_why(tmp_path):
     """libfuse names a refused option on stderr only: the mount command passes it on."""
     mnt = tmp_path / "mnt"
