@@ -21,7 +21,7 @@ from typing import Any
 import click
 
 from . import tree
-from .errors import OppieError, as_oppie_error
+from .errors import InvalidArgument, NotMounted, OppieError, as_oppie_error
 from .store import Store, default_store_dir
 from .store import compact as compact_store
 
@@ -97,13 +97,30 @@ def main() -> None:
               help="Read every file even where the files cache says it is unchanged, and "
                    "rewrite stored copies that fsck finds corrupt.")
 @store_option
+@click.option("--mount", "mnt", type=click.Path(file_okay=False, path_type=Path),
+              help="Import through the running mount at MNT (its daemon reads the tree and "
+                   "lists the snapshot at once) instead of into a store directly.")
 @json_option
 @_guarded
 def import_cmd(path: Path, skip_special: bool, rehash: bool, store_dir: Path | None,
-               as_json: bool) -> None:
-    """Import a host directory as a snapshot and print its id."""
+               mnt: Path | None, as_json: bool) -> None:
+    """Import a host directory as a snapshot and print its id.
+
+    Into ``--store`` (or the default store), which works mounted or not: a running mount
+    of that store lists the snapshot within half a minute. With ``--mount``, through that
+    mount's control file instead."""
     src = tree.host_path_ok(os.path.abspath(path))  # the same checks as ctl's import
-    with _open(store_dir, create=True) as store:
+    if mnt is not None:
+        if store_dir is not None or skip_special or rehash:
+            raise InvalidArgument("import --mount takes no --store, --skip-special or "
+                                  "--rehash (the daemon's import has no options)")
+        _ctl(mnt, as_json, lambda r: str(r["snapshot"]), "import", os.fsdecode(src))
+        return
+    store_path = Path(store_dir or default_store_dir())
+    created = not os.path.exists(store_path / "data.mdb")
+    with _open(store_path, create=True) as store:
+        if created and not as_json:
+            click.echo(f"oppiefs: created a new store at {store_path}", err=True)
         bar = None
         progress = None
         if sys.stderr.isatty() and not as_json:
@@ -404,10 +421,17 @@ def log_cmd(snapshot: str, store_dir: Path | None, mnt: Path, as_json: bool) -> 
     """Lineage of SNAPSHOT: itself, its parent, its parent's parent...
 
     Read from ``--store`` if given, else from the store of the mount at ``--mount`` if
-    one runs there, else from the default store.
+    one runs there, else from the default store (a ``--mount`` or OPPIEFS_MOUNT that was
+    given but names no mount is an error, not a reason to read another store).
     """
+    if store_dir is None:
+        store_dir = _store_of_mount(mnt)
+        source = click.get_current_context().get_parameter_source("mnt")
+        if store_dir is None and source is not click.core.ParameterSource.DEFAULT:
+            raise NotMounted(f"{mnt} is not an oppiefs mount (give --store DIR to read a "
+                             "store directly)")
     chain: list[dict[str, Any]] = []
-    with _open(store_dir or _store_of_mount(mnt)) as store:
+    with _open(store_dir) as store:
         root: bytes | None = store.resolve(snapshot, include_unlisted=True)
         seen: set[bytes] = set()
         while root is not None and root not in seen:

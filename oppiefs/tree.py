@@ -1158,9 +1158,10 @@ def checkout(reader: Reader, root: bytes, dest: str | os.PathLike[str]) -> int:
     try:
         if os.path.lexists(out):
             if not os.path.isdir(out) or os.listdir(out):
-                raise AlreadyExists(f"{os.fsdecode(out)}: destination exists and is not empty")
+                raise AlreadyExists(f"{os.fsdecode(out)}: destination exists and is not an "
+                                    "empty directory")
         else:
-            os.mkdir(out, 0o700)
+            os.mkdir(out, 0o755)  # as a snapshot's root is shown (the umask applies)
         count = _checkout_tree(reader, root, out)
         # The root directory's own attributes are not stored (a snapshot is its contents).
     except OSError as exc:

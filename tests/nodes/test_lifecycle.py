@@ -148,6 +148,30 @@ def test_commit_refuses_special_files_and_leaves_the_node_usable(mdaemon, shared
     fsck_clean(mdaemon.store)
 
 
+def test_cli_import_through_the_mount(mdaemon, tmp_path):
+    """``oppiefs import --mount`` goes through the daemon, which lists the snapshot at
+    once; options only a store import has are refused with it. A store import that makes
+    a new store says so."""
+    src = make_src(tmp_path / "src", seed="via-mount")
+    res = subprocess.run([*OPPIEFS, "import", str(src), "--mount", str(mdaemon.mnt), "--json"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    snap = json.loads(res.stdout)["snapshot"]
+    assert snap in os.listdir(mdaemon.mnt / "snapshots")
+    assert_same_tree(src, mdaemon.mnt / "snapshots" / snap)
+    res = subprocess.run([*OPPIEFS, "import", str(src), "--mount", str(mdaemon.mnt),
+                          "--skip-special"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == InvalidArgument.exit_code and "--mount" in res.stderr
+    with Client(mdaemon.mnt) as c:
+        c.prune(snap)
+    res = subprocess.run([*OPPIEFS, "import", str(src), "--store", str(tmp_path / "new")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "created a new store" in res.stderr, res.stderr
+    res = subprocess.run([*OPPIEFS, "import", str(src), "--store", str(tmp_path / "new")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "created" not in res.stderr, res.stderr
+
+
 def test_mtimes_past_2262_are_refused_by_name(mdaemon, shared, tmp_path):
     """An entry keeps its mtime in int64 nanoseconds; ext4 takes dates up to 2446. Such a
     file makes commit and import fail naming it (EOPNOTSUPP, not an internal EIO), with
@@ -226,6 +250,10 @@ def test_log_prints_lineage(mdaemon, shared):
         res = subprocess.run([*OPPIEFS, "log", s3, "--json", "--mount", str(mdaemon.mnt)],
                              capture_output=True, text=True, env=env, check=True)
         assert [x["snapshot"] for x in json.loads(res.stdout)] == [s3, s2, s1, s0]
+        # A --mount that names no mount is an error, not a reason to read another store.
+        res = subprocess.run([*OPPIEFS, "log", s3, "--mount", str(mdaemon.store)],
+                             capture_output=True, text=True, env=env)
+        assert res.returncode == NotMounted.exit_code and "not an oppiefs mount" in res.stderr
         # Pruned but pinned by n2: still in the chain, marked.
         c.prune(s2)
         chain = cli("log", s3, "--json").json()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -141,9 +142,20 @@ def test_checkout_into_nonempty_dir(cli: Cli, tmp_path: Path, populated: str) ->
     (dest / "keep").write_bytes(b"mine")
     before = _unchanged(cli)
     res = cli("checkout", populated, dest, expect=errors.AlreadyExists.exit_code)
-    _one_line_error(res.err, str(dest), "not empty")
+    _one_line_error(res.err, str(dest), "not an empty directory")
     assert os.listdir(dest) == ["keep"]
     assert _unchanged(cli) == before
+    (tmp_path / "plain").write_bytes(b"")
+    res = cli("checkout", populated, tmp_path / "plain", expect=errors.AlreadyExists.exit_code)
+    _one_line_error(res.err, "not an empty directory")
+    cli("checkout", populated, tmp_path / "new")  # a new root shows as a snapshot's does
+    assert stat.S_IMODE(os.stat(tmp_path / "new").st_mode) == 0o755 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_commands_on_a_missing_store(tmp_path: Path) -> None:
