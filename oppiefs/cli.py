@@ -26,8 +26,13 @@ from .store import Store, default_store_dir
 from .store import compact as compact_store
 
 
-def _fail(exc: BaseException, code: int) -> None:
+def _fail(exc: BaseException, code: int, as_json: bool = False) -> None:
+    """One line on stderr; with ``--json`` also the error as a control reply has it, on
+    stdout, where a script reads the command's result."""
     click.echo(f"oppiefs: {exc}", err=True)
+    if as_json:
+        name = exc.errno_name if isinstance(exc, OppieError) else "EIO"
+        click.echo(json.dumps({"ok": False, "error": name, "message": str(exc)}))
     sys.exit(code)
 
 
@@ -36,19 +41,20 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        as_json = bool(kwargs.get("as_json"))
         try:
             return fn(*args, **kwargs)
         except OppieError as exc:
-            _fail(exc, exc.exit_code)
+            _fail(exc, exc.exit_code, as_json)
         except KeyboardInterrupt:
-            _fail(Exception("interrupted"), 130)
+            _fail(Exception("interrupted"), 130, as_json)
         except Exception as exc:  # a host error says what it hit; the rest is a bug
             if os.environ.get("OPPIEFS_DEBUG"):
                 raise
             err = as_oppie_error(exc)
             if err is not None:
-                _fail(err, err.exit_code)
-            _fail(Exception(f"internal error: {type(exc).__name__}: {exc}"), 1)
+                _fail(err, err.exit_code, as_json)
+            _fail(Exception(f"internal error: {type(exc).__name__}: {exc}"), 1, as_json)
 
     return wrapper
 
@@ -155,7 +161,7 @@ def import_cmd(path: Path, skip_special: bool, rehash: bool, store_dir: Path | N
 def checkout(snapshot: str, dest: Path, store_dir: Path | None, as_json: bool) -> None:
     """Write a snapshot out as a real directory tree at DEST (new or empty)."""
     with _open(store_dir) as store:
-        root = store.resolve(snapshot)
+        root = store.resolve(snapshot, include_unlisted=True)
         files = tree.checkout(tree.Reader(store), root, dest)
     _emit(as_json, {"snapshot": root.hex(), "dest": str(dest), "files": files},
           f"{root.hex()} -> {dest} ({files} files)")
@@ -192,14 +198,17 @@ def ls_cmd(spec: str | None, store_dir: Path | None, as_json: bool) -> None:
             _emit(as_json, rows, text)
             return
         ident, _, sub = spec.partition(":")
-        root = store.resolve(ident)
+        root = store.resolve(ident, include_unlisted=True)
         reader = tree.Reader(store)
         entry = reader.lookup(root, sub)
+        path = b"/".join(tree.split_path(sub))  # as the snapshot names it: d/e, not ./d//e
         if entry.is_dir:
-            prefix = os.fsencode(sub.strip("/") + "/") if sub.strip("/") else b""
+            prefix = path + b"/" if path else b""
             items = [(prefix + e.name, e) for e in reader.tree(entry.ref).entries]
+        elif sub.endswith("/"):
+            raise InvalidArgument(f"{sub}: not a directory")
         else:
-            items = [(os.fsencode(sub), entry)]
+            items = [(path, entry)]
     lines = []
     for path, e in items:
         link = f" -> {os.fsdecode(e.target)}" if e.type == tree.T_SYMLINK else ""
@@ -217,7 +226,8 @@ def ls_cmd(spec: str | None, store_dir: Path | None, as_json: bool) -> None:
 def diff(a: str, b: str, store_dir: Path | None, as_json: bool) -> None:
     """Paths added, removed, modified or type-changed from snapshot A to snapshot B."""
     with _open(store_dir) as store:
-        ra, rb = store.resolve(a), store.resolve(b)
+        # A pruned snapshot that a node still pins is there to compare (``log`` shows it).
+        ra, rb = (store.resolve(x, include_unlisted=True) for x in (a, b))
         changes = list(tree.diff_trees(tree.Reader(store), ra, rb))
     _emit(as_json, [{"status": c.status, "path": os.fsdecode(c.path)} for c in changes],
           "\n".join(f"{c.status:<12} {os.fsdecode(c.path)}" for c in changes))

@@ -63,7 +63,8 @@ NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 def check_node_id(node: str) -> str:
     if not isinstance(node, str) or not NODE_RE.match(node) or ".." in node:
-        raise InvalidArgument(f"bad node id {node!r}: expected letters, digits, '_', '-', '.'")
+        raise InvalidArgument(f"bad node id {node!r}: expected a letter or digit, then "
+                              "letters, digits, '_', '-', '.'")
     return node
 
 
@@ -239,8 +240,7 @@ class StateManager:
         if ".." in Path(path).parts:
             raise InvalidArgument(f"import path must be normalized (no '..'): {path!r}")
         for served in (self.mountpoint, self.trees):
-            if p.resolve() == served or served in p.resolve().parents:
-                raise InvalidArgument(f"cannot import from inside the mount itself: {path}")
+            tree.refuse_holding(path, served, "the mount")
         report = tree.import_dir(self.store, p)
         # The first commit through each directory would read and decode it (~70 us; a
         # kernel-tree commit read 1.7 of them): decode them now, while the client waits for

@@ -1130,6 +1130,7 @@ def import_dir(store: Store, path: str | os.PathLike[str], *, skip_special: bool
         raise from_oserror(exc, os.fsdecode(raw)) from exc
     if not stat.S_ISDIR(st.st_mode):
         raise InvalidArgument(f"{os.fsdecode(raw)}: not a directory")
+    refuse_holding(os.fsdecode(raw), store.path.resolve(), "the store")
     try:
         return _import(store, raw, skip_special, progress, parent, use_cache)
     except StaleCache:  # GC took a cached object meanwhile: read everything
@@ -1247,6 +1248,18 @@ def diff_trees(reader: Reader, a: bytes, b: bytes, prefix: bytes = b"") -> Itera
 
 
 # -- helpers for callers ----------------------------------------------------------------------
+
+
+def refuse_holding(path: str, served: Path, what: str) -> None:
+    """Refuse to import ``path`` when it is ``served`` (the store, a mount of it), lies in
+    it, or holds it: the walk would read the store's own files while they change (and a
+    mount's snapshots, all of them)."""
+    here = Path(path).resolve()
+    if here == served or served in here.parents:
+        raise InvalidArgument(f"cannot import from inside {what} itself: {path}")
+    if here in served.parents:
+        raise InvalidArgument(f"cannot import {path}: it holds {what} ({served}); import "
+                              "a directory beside it")
 
 
 def host_path_ok(path: str) -> Path:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cliutil import Cli
 from tests.nodeutil import CtlSession, node_dirs
 
 UNKNOWN_SNAP = "0123abcd" * 8  # well-formed, never imported
@@ -191,6 +192,22 @@ def test_whitespace_is_tolerated(mdaemon, env):
     child = s.call(f"fork\t{snap}")
     assert child["ok"] is True
     assert s.call(f"drop   {child['node']} ") == {"ok": True, "node": child["node"]}
+
+
+def test_import_of_what_holds_the_store_or_mount_is_refused(mdaemon, env, tmp_path):
+    """Importing ``/``, or the dir that holds the store, would read the store's own files
+    as they change and walk every snapshot through the mount: refused, precisely, and the
+    CLI's offline import refuses a tree holding its store too."""
+    s = env[0]
+    before = observable(mdaemon, s)
+    for path in ("/", str(mdaemon.store.parent), str(mdaemon.store), str(mdaemon.mnt.parent)):
+        reply = s.call(f"import {path}")
+        assert reply["error"] == "EINVAL", (path, reply)
+        assert "import" in reply["message"], reply
+    assert observable(mdaemon, s) == before
+    (tmp_path / "tree" / "store").mkdir(parents=True)
+    res = Cli(tmp_path / "tree" / "store")("import", tmp_path / "tree", expect=2)
+    assert "it holds the store" in res.err
 
 
 def test_import_path_is_taken_verbatim(mdaemon, env):

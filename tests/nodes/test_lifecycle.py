@@ -260,6 +260,11 @@ def test_log_prints_lineage(mdaemon, shared):
         assert [x["snapshot"] for x in chain] == [s3, s2, s1, s0]
         assert chain[1]["listed"] is False
         assert "(pruned)" in cli("log", s3).out.splitlines()[1]
+        # ... and there to list and compare, as long as it is pinned.
+        assert cli("diff", s2, s3, "--json").json()
+        assert {x["path"] for x in cli("ls", f"{s2}:./sub//", "--json").json()} == {
+            "sub/mid.bin", "sub/deeper"}
+        cli("ls", f"{s2}:top.txt/", expect=InvalidArgument.exit_code)
         # Once nothing holds it, the chain ends there, saying so.
         c.drop(n2)
         chain = cli("log", s3, "--json").json()

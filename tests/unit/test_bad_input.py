@@ -3,6 +3,7 @@ and leaves the store as it was; fsck names corrupted objects by id."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -163,6 +164,9 @@ def test_commands_on_a_missing_store(tmp_path: Path) -> None:
     for args in (("ls",), ("stats",), ("fsck",), ("checkout", "0" * 8, tmp_path / "o")):
         res = cli(*args, expect=errors.NotFound.exit_code)
         _one_line_error(res.err, "no store at", str(tmp_path / "nostore"))
+    res = cli("stats", "--json", expect=errors.NotFound.exit_code)  # the error as JSON too
+    reply = json.loads(res.out)
+    assert reply["ok"] is False and reply["error"] == "ENOENT" and "no store at" in reply["message"]
     assert not (tmp_path / "nostore").exists()
 
 
