@@ -113,8 +113,9 @@ _PARENTS = b"P"  # starts a ``pending`` record of parent oids (one of child oids
 
 _U64 = struct.Struct("<Q")
 # The layout this code reads and writes, kept in meta ``format`` (absent: older layouts,
-# which open() migrates). 1: objects keyed by slot; 2: and the fresh records.
-FORMAT = 2
+# which open() migrates). 1: objects keyed by slot; 2: and the fresh records; 3: and the
+# listed snapshots' count and bytes kept in meta (``status`` read every record before).
+FORMAT = 3
 # A published batch with more new objects than this indexes them in ``slots`` at once (the
 # last of an import; the earlier ones wait in fresh records: see Writer). Fresh records are
 # for the few objects of a commit, and every process holds them decoded.
@@ -565,7 +566,12 @@ class Store:
                               f"this one reads formats up to {FORMAT}: upgrade oppiefs")
         self._migrate()
         if found < FORMAT:
-            self.write(lambda txn: self._set_meta_int(txn, b"format", FORMAT), "mark format")
+            def mark(txn: lmdb.Transaction) -> None:
+                if found < 3:
+                    self._set_listed(txn, self._count_listed(txn))
+                self._set_meta_int(txn, b"format", FORMAT)
+
+            self.write(mark, "mark format")
 
     def _migrate(self) -> None:
         """Move a store of an older layout (objects keyed by id; counts keyed by id) to
@@ -1147,11 +1153,32 @@ class Store:
         return SnapshotRecord.decode(root, raw) if raw else None
 
     def _put_snapshot(self, txn: lmdb.Transaction, rec: SnapshotRecord) -> None:
+        """Write (or, with no refs and no pins left, delete) a snapshot record, keeping the
+        listed snapshots' count and bytes in meta up to date: every record change goes
+        through here."""
+        old = self._get_snapshot(txn, rec.root)
         if rec.refs == 0 and rec.pins == 0:
             txn.delete(rec.root, db=self.db["snapshots"])
             self._decref(txn, rec.root)
         else:
             txn.put(rec.root, rec.encode(), db=self.db["snapshots"])
+        was = (1, old.bytes) if old is not None and old.listed else (0, 0)
+        now = (1, rec.bytes) if rec.listed else (0, 0)
+        if was != now:
+            n, nbytes = self._listed(txn)
+            self._set_listed(txn, (n + now[0] - was[0], nbytes + now[1] - was[1]))
+
+    def _listed(self, txn: lmdb.Transaction) -> tuple[int, int]:
+        return self._meta_int(txn, b"listed"), self._meta_int(txn, b"listed_bytes")
+
+    def _set_listed(self, txn: lmdb.Transaction, counts: tuple[int, int]) -> None:
+        self._set_meta_int(txn, b"listed", counts[0])
+        self._set_meta_int(txn, b"listed_bytes", counts[1])
+
+    def _count_listed(self, txn: lmdb.Transaction) -> tuple[int, int]:
+        """The listed snapshots' count and bytes, from every record (fsck, migration)."""
+        recs = [SnapshotRecord.decode(k, v) for k, v in txn.cursor(db=self.db["snapshots"])]
+        return sum(r.listed for r in recs), sum(r.bytes for r in recs if r.listed)
 
     def snapshot(self, root: bytes) -> SnapshotRecord | None:
         with self.env.begin() as txn:
@@ -1219,7 +1246,7 @@ class Store:
                 rec = SnapshotRecord(root, 0, 0, parent, time.time(), logical_bytes, files)
                 self._incref(txn, root)
             rec.refs += 1
-            txn.put(root, rec.encode(), db=self.db["snapshots"])
+            self._put_snapshot(txn, rec)
             if writer.sid is not None:
                 self._end_session(txn, writer.sid)
             return rec
@@ -1521,12 +1548,12 @@ class Store:
 
     def stats(self) -> StoreStats:
         with self.env.begin() as txn:
-            recs = [SnapshotRecord.decode(k, v) for k, v in txn.cursor(db=self.db["snapshots"])]
+            snapshots, logical_bytes = self._listed(txn)
             return StoreStats(
                 objects=self._meta_int(txn, b"objects"),
                 stored_bytes=self._meta_int(txn, b"stored_bytes"),
-                snapshots=sum(r.listed for r in recs),
-                logical_bytes=sum(r.bytes for r in recs if r.listed),
+                snapshots=snapshots,
+                logical_bytes=logical_bytes,
                 nodes=txn.stat(self.db["nodes"])["entries"],
             )
 
@@ -1612,6 +1639,10 @@ class Store:
         if meta != (len(present), nbytes):
             findings.append(f"store counters drift: objects {meta[0]} vs {len(present)}, "
                             f"bytes {meta[1]} vs {nbytes}")
+        listed, kept = self._count_listed(txn), self._listed(txn)
+        if listed != kept:
+            findings.append(f"snapshot counters drift: listed {kept[0]} vs {listed[0]}, "
+                            f"bytes {kept[1]} vs {listed[1]}")
         pins: dict[str, int] = {}
         for _, v in txn.cursor(db=self.db["nodes"]):
             base = json.loads(v).get("base")
@@ -1645,6 +1676,7 @@ class Store:
                 expected[rec.root] -= 1
             else:
                 txn.put(rec.root, rec.encode(), db=self.db["snapshots"])
+        self._set_listed(txn, self._count_listed(txn))
         for name in ("counts", "zero", "pending"):
             txn.drop(self.db[name], delete=False)
         for oid, slot in slots.items():

@@ -84,6 +84,44 @@ def test_node_pin_keeps_pruned_snapshot(store: Store, tmp_path: Path) -> None:
     assert store.check() == []
 
 
+def test_listed_counts_are_kept_not_recounted(store: Store, tmp_path: Path) -> None:
+    """``status`` reads the listed snapshots' count and bytes from meta: publish, release,
+    pins and fsck --repair keep them equal to a recount; a store from before them (format
+    2) gets them on open, and fsck reports drift."""
+    def recount() -> tuple[int, int]:
+        recs = store.snapshots()
+        return len(recs), sum(r.bytes for r in recs)
+
+    a = tree.import_dir(store, _tree(tmp_path / "a", {"x": b"x" * 100})).root
+    b = tree.import_dir(store, _tree(tmp_path / "b", {"y": b"y" * 300})).root
+    tree.import_dir(store, tmp_path / "a")  # the same tree again: one more reference
+    stats = store.stats()
+    assert (stats.snapshots, stats.logical_bytes) == recount() == (2, 400)
+    store.add_node("n1", {"base": a.hex()}, a)
+    for root in (a, a, b):
+        store.release(root)
+        stats = store.stats()
+        assert (stats.snapshots, stats.logical_bytes) == recount()
+    assert recount() == (0, 0)
+    store.remove_node("n1", a)
+    assert (store.stats().snapshots, store.stats().logical_bytes) == (0, 0)
+    c = tree.import_dir(store, tmp_path / "b").root
+    assert (store.stats().snapshots, store.stats().logical_bytes) == (1, 300) == recount()
+    assert store.check() == []
+    store.write(lambda txn: store._set_listed(txn, (7, 7)))
+    assert any("snapshot counters drift" in f for f in store.check())
+    store.check(repair=True)
+    assert store.check() == [] and store.stats().snapshots == 1
+    path = store.path
+    store.write(lambda txn: (store._set_meta_int(txn, b"format", 2),
+                             txn.delete(b"listed", db=store.db["meta"]),
+                             txn.delete(b"listed_bytes", db=store.db["meta"])))
+    store.close()
+    with tree.open_store(path) as s:
+        assert (s.stats().snapshots, s.stats().logical_bytes) == (1, 300)
+        assert s.check() == [] and s.resolve(c.hex()) == c
+
+
 def test_commit_logs_increments_and_drain_applies_them(store: Store, tmp_path: Path) -> None:
     files = {f"big/f{j:03d}": f"file {j}".encode() for j in range(300)}
     base = tree.import_dir(store, _tree(tmp_path / "a", files))
