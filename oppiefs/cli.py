@@ -325,7 +325,8 @@ def mount(mountpoint: Path, store_dir: Path | None, foreground: bool, options: t
 
 
 @main.command()
-@click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
+# Not click.Path: it stats the path, which waits forever on a stopped daemon's mount.
+@click.argument("mountpoint", type=Path)
 @json_option
 @_guarded
 def umount(mountpoint: Path, as_json: bool) -> None:

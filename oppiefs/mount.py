@@ -65,15 +65,36 @@ def is_oppiefs_mount(path: str) -> bool:
                for m in overlay.mounts())
 
 
-def mount_alive(path: str) -> bool:
-    """True if a FUSE mount at ``path`` answers (a dead one fails statvfs with ENOTCONN)."""
-    try:
-        os.statvfs(path)
-        os.listdir(path)
-    except OSError as exc:
-        if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO):
+ANSWER_S = 10.0  # how long a mount's daemon may take to answer a liveness probe
+
+
+def mount_alive(path: str, timeout: float = ANSWER_S) -> bool:
+    """True if a FUSE mount at ``path`` answers (a dead one fails statvfs with ENOTCONN).
+
+    A daemon that is stopped or hung never answers, and a probe asked in this thread
+    would wait with it forever: the probe runs in a daemon thread, and no answer within
+    ``timeout`` is an error that says how to get out (the thread stays behind, stuck in
+    the kernel, until the process exits)."""
+    result: list[bool | OSError] = []
+
+    def probe() -> None:
+        try:
+            os.statvfs(path)
+            os.listdir(path)
+            result.append(True)
+        except OSError as exc:
+            result.append(exc)
+
+    t = threading.Thread(target=probe, name="probe", daemon=True)
+    t.start()
+    t.join(timeout)
+    if not result:
+        raise Busy(f"the oppiefs daemon serving {path} does not answer (stopped or hung?); "
+                   f"`umount -l {path}` detaches the mount")
+    if isinstance(result[0], OSError):
+        if result[0].errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO):
             return False
-        raise
+        raise result[0]
     return True
 
 
@@ -143,6 +164,9 @@ def serve(mountpoint: str, store_dir: Path, *, options: list[str] | None = None,
     store_dir = Path(os.path.abspath(store_dir))
     ready = Ready(notify_fd)
     try:
+        if "ro" in {o for opt in options or [] for o in opt.split(",")}:
+            raise InvalidArgument("-o ro: the mount's ctl takes commands, which are writes "
+                                  "(snapshots are read-only anyway)")
         if os.path.commonpath([mountpoint, store_dir]) == mountpoint:
             raise InvalidArgument(f"store {store_dir} lies inside the mountpoint {mountpoint}, "
                                   "which the mount would hide")
@@ -407,8 +431,8 @@ def detach_dead(mountpoint: str) -> list[str]:
 def _answers(path: str) -> bool:
     try:
         return mount_alive(path)
-    except OSError:
-        return True  # not ours to judge
+    except (OSError, OppieError):
+        return True  # not ours to judge (another error; or alive, though hung)
 
 
 def setup_logging(debug: bool) -> None:

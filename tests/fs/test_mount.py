@@ -307,6 +307,10 @@ def test_background_mount_errors_keep_their_class(tmp_path):
     res = subprocess.run(oppiefs_cmd("mount", str(inside), "--store", str(inside / "store")),
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "inside the mountpoint" in res.stderr, res.stderr
+    res = subprocess.run(oppiefs_cmd("mount", str(tmp_path / "m5"), "--store",
+                                     str(tmp_path / "s5"), "-o", "allow_other,ro"),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "-o ro" in res.stderr, res.stderr
     (tmp_path / "file").write_text("")
     res = subprocess.run(oppiefs_cmd("mount", str(tmp_path / "m4"), "--store",
                                      str(tmp_path / "file" / "store")),

@@ -552,6 +552,25 @@ def test_umount_after_kill_9_cleans_every_mount(tmp_path):
     assert mounts_under(tmp_path) == []
 
 
+def test_umount_of_a_stopped_daemon_says_so(tmp_path):
+    """A daemon that is stopped (or hung) never answers: ``oppiefs umount`` gives up after
+    a while with EBUSY and the way out, instead of waiting forever."""
+    d = Daemon(tmp_path / "mnt", tmp_path / "store").start()
+    assert d.proc is not None
+    try:
+        os.kill(d.proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        res = subprocess.run([*OPPIEFS, "umount", str(d.mnt)], capture_output=True, text=True,
+                             timeout=60)
+        assert res.returncode == Busy.exit_code, res.stderr
+        assert "does not answer" in res.stderr and "umount -l" in res.stderr
+        assert time.monotonic() - t0 < 30
+    finally:
+        os.kill(d.proc.pid, signal.SIGCONT)
+        d.stop()
+    assert mounts_under(tmp_path) == []
+
+
 def _dead(path: str) -> bool:
     try:
         os.statvfs(path)
