@@ -1217,8 +1217,10 @@ def _kind(e: Entry) -> str:
 def diff_trees(reader: Reader, a: bytes, b: bytes, prefix: bytes = b"") -> Iterator[Change]:
     """Changes from tree ``a`` to tree ``b``; subtrees with equal ids are never opened.
 
-    A directory is reported ``modified`` only for its own mode/owner changes (its mtime
-    follows its contents); everything else compares all stored attributes.
+    A directory is reported ``modified`` for its own mode/owner changes, and for an mtime
+    change only when nothing below it changed (an mtime follows the contents: the changes
+    below say more; but two snapshots that differ must never diff as equal). Everything
+    else compares all stored attributes.
     """
     if a == b:
         return
@@ -1238,9 +1240,11 @@ def diff_trees(reader: Reader, a: bytes, b: bytes, prefix: bytes = b"") -> Itera
             if _kind(ea) != _kind(eb):
                 yield Change("type-changed", path)
             elif ea.is_dir:
-                if (ea.mode, ea.uid, ea.gid) != (eb.mode, eb.uid, eb.gid):
+                below = list(diff_trees(reader, ea.ref, eb.ref, path + b"/"))
+                if (ea.mode, ea.uid, ea.gid) != (eb.mode, eb.uid, eb.gid) or (
+                        not below and ea.mtime_ns != eb.mtime_ns):
                     yield Change("modified", path)
-                yield from diff_trees(reader, ea.ref, eb.ref, path + b"/")
+                yield from below
             elif ea[1:] != eb[1:]:
                 yield Change("modified", path)
             i += 1
