@@ -21,6 +21,7 @@ import os
 import threading
 from typing import Any, NamedTuple
 
+from . import overlay
 from .errors import InvalidArgument, NotMounted, from_errno_name
 
 
@@ -65,8 +66,9 @@ class Client:
         if fd is None:
             hint = (f" (is oppiefs mounted at {self.mountpoint}? `oppiefs mount "
                     f"{self.mountpoint}` starts it)")
-            if not os.path.ismount(self.mountpoint):  # never write commands into a file
-                raise NotMounted(f"{self.mountpoint} is not a mount point{hint}")
+            if not any(m.mountpoint == self.mountpoint and m.fstype == "fuse.oppiefs"
+                       for m in overlay.mounts()):  # never write commands into a file
+                raise NotMounted(f"{self.mountpoint} is not an oppiefs mount{hint}")
             try:
                 fd = self._local.fd = os.open(self.ctl, os.O_RDWR | os.O_CLOEXEC)
             except OSError as exc:
@@ -124,8 +126,8 @@ class Client:
             raise from_errno_name(reply.get("error", "EIO"), reply.get("message", ""))
         return reply
 
-    def import_(self, path: str | os.PathLike[str]) -> str:
-        return self.call("import", os.fspath(path))["snapshot"]
+    def import_(self, path: str | bytes | os.PathLike[str]) -> str:
+        return self.call("import", os.fsdecode(path))["snapshot"]
 
     def fork(self, snapshot: str) -> Node:
         r = self.call("fork", snapshot)

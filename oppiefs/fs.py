@@ -65,7 +65,7 @@ import trio
 
 from . import vfs as V
 from .control import Control, Session, read_only
-from .errors import Corrupt, OppieError
+from .errors import Corrupt, InvalidArgument, OppieError
 from .tree import T_DIR, T_SYMLINK, Entry
 
 log = logging.getLogger("oppiefs.fs")
@@ -229,8 +229,8 @@ def fuse_init(ops: pyfuse3.Operations, mountpoint: str, opts: set[str],
             pyfuse3.init(ops, mountpoint, opts)
     except RuntimeError as exc:
         why = " ".join(said().split())
-        raise OppieError(f"cannot mount {mountpoint}: {exc}" + (f" ({why})" if why else "")
-                         ) from exc
+        cls = InvalidArgument if "unknown option" in why else OppieError
+        raise cls(f"cannot mount {mountpoint}: {exc}" + (f" ({why})" if why else "")) from exc
 
 
 @contextlib.contextmanager

@@ -134,6 +134,12 @@ def _lock_store(store_dir: Path) -> int:
 # -- the daemon -----------------------------------------------------------------------------
 
 
+def check_layout(mountpoint: str, store_dir: Path) -> None:
+    if os.path.commonpath([mountpoint, store_dir]) == mountpoint:
+        raise InvalidArgument(f"store {store_dir} lies inside the mountpoint {mountpoint}, "
+                              "which the mount would hide")
+
+
 class Ready:
     """The pipe a background start waits on: one line, ``ok [problems]`` once serving or
     ``error ERRNO message`` if the start failed (so the caller raises the same error, with
@@ -167,9 +173,7 @@ def serve(mountpoint: str, store_dir: Path, *, options: list[str] | None = None,
         if "ro" in {o for opt in options or [] for o in opt.split(",")}:
             raise InvalidArgument("-o ro: the mount's ctl takes commands, which are writes "
                                   "(snapshots are read-only anyway)")
-        if os.path.commonpath([mountpoint, store_dir]) == mountpoint:
-            raise InvalidArgument(f"store {store_dir} lies inside the mountpoint {mountpoint}, "
-                                  "which the mount would hide")
+        check_layout(mountpoint, store_dir)
         prepare_mountpoint(mountpoint)
         mnt_fd = _lock_mountpoint(mountpoint)
         try:
@@ -279,6 +283,7 @@ def start_background(mountpoint: str, store_dir: Path, *, options: list[str],
                      debug: bool, timeout: float = 120.0) -> str:
     """Spawn the daemon detached; return once it serves (or raise with its reason)."""
     store_dir = Path(os.path.abspath(store_dir))
+    check_layout(os.path.abspath(mountpoint), store_dir)  # before the store dir is made
     try:
         store_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -366,6 +371,9 @@ def umount(mountpoint: str, *, timeout: float = 30.0) -> None:
     if overlay.in_use(mountpoint):
         raise Busy(f"cannot unmount {mountpoint}: a process still uses it (an open ctl "
                    "handle, a Client, a cwd); nothing was unmounted")
+    if trees_mnt != mountpoint and overlay.in_use(trees_mnt):  # overlays hold clones of it
+        raise Busy(f"cannot unmount {mountpoint}: a process still reads a snapshot (its cwd "
+                   f"or an open file under {mountpoint}/snapshots); nothing was unmounted")
     res = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
     if res.returncode != 0:
         msg = res.stderr.strip() or f"fusermount3 exited {res.returncode}"
@@ -375,10 +383,12 @@ def umount(mountpoint: str, *, timeout: float = 30.0) -> None:
     # The daemon takes its tree server down last, then closes the store: only then may the
     # next mount of the same store or mountpoint start (it would find them locked).
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and (is_oppiefs_mount(mountpoint)
-                                           or is_oppiefs_mount(trees_mnt)
-                                           or _locked(Path(trees_mnt).parent / LOCK_NAME)
-                                           or _locked(Path(mountpoint))):
+    while (is_oppiefs_mount(mountpoint) or is_oppiefs_mount(trees_mnt)
+           or _locked(Path(trees_mnt).parent / LOCK_NAME) or _locked(Path(mountpoint))):
+        if time.monotonic() > deadline:
+            raise Busy(f"{mountpoint} is unmounted, but its daemon has not let go of its "
+                       f"store within {timeout:.0f} s (stopped or hung?); see "
+                       f"{Path(trees_mnt).parent / LOG_NAME}")
         time.sleep(0.02)
 
 

@@ -37,7 +37,7 @@ import pyfuse3
 import trio
 
 from . import overlay, tree
-from .errors import OppieError
+from .errors import OppieError, from_errno_name
 from .fs import Operations, fuse_init, serve_requests, tune_gc, watch_signals
 from .vfs import SNAPSHOTS_INO, Vfs
 
@@ -79,8 +79,9 @@ class TreeServer:
             ready, fds = b"", []
         if ready != b"ready\n" or len(fds) != 1:
             self.stop()
-            if ready.startswith(b"error: "):
-                raise OppieError(ready[7:].decode(errors="replace").strip())
+            if ready.startswith(b"error: "):  # error: ERRNO message
+                name, _, message = ready[7:].decode(errors="replace").strip().partition(" ")
+                raise from_errno_name(name, message)
             raise OppieError(f"the tree server did not start (it said {ready!r}; see the log)")
         self.fuse_fd = fds[0]
 
@@ -208,7 +209,7 @@ def main() -> None:
     except OppieError as exc:
         log.error("%s", exc)
         with contextlib.suppress(OSError):
-            ipc.sendall(f"error: {exc}\n".encode())  # the mount command says why
+            ipc.sendall(f"error: {exc.errno_name} {exc}\n".encode())  # the mount says why
         sys.exit(1)
 
 

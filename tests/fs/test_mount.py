@@ -356,7 +356,7 @@ def test_bad_fuse_option_says_why(tmp_path):
     res = subprocess.run(oppiefs_cmd("mount", str(mnt), "--store", str(tmp_path / "store"),
                                      "-o", "no_such_option"),
                          capture_output=True, text=True, timeout=60)
-    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert res.returncode == 2 and "Traceback" not in res.stderr  # InvalidArgument
     assert "unknown option" in res.stderr and "no_such_option" in res.stderr
     assert not mounts_under(tmp_path)
 

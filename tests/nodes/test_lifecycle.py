@@ -332,9 +332,19 @@ def test_client_checks_words_and_stays_in_step(mdaemon, shared, tmp_path, monkey
     plain = tmp_path / "plain"
     plain.mkdir()
     (plain / "ctl").write_text("keep\n")
-    with pytest.raises(NotMounted, match="not a mount point"):
+    with pytest.raises(NotMounted, match="not an oppiefs mount"):
         Client(plain).status()
     assert (plain / "ctl").read_text() == "keep\n"
+    subprocess.run(["mount", "-t", "tmpfs", "qa", str(plain)], check=True)  # a mount, not ours
+    try:
+        (plain / "ctl").write_text("keep\n")
+        with pytest.raises(NotMounted, match="not an oppiefs mount"):
+            Client(plain).status()
+        assert (plain / "ctl").read_text() == "keep\n"
+    finally:
+        subprocess.run(["umount", "-l", str(plain)], check=True)
+    with pytest.raises(NotFound):  # a bytes path is a path too
+        c.import_(os.fsencode(tmp_path / "no-such-dir"))
 
 
 def test_pruned_snapshot_with_live_node(mdaemon, tmp_path):
@@ -491,6 +501,12 @@ def test_umount_is_all_or_nothing(tmp_path):
                              timeout=60)
         assert res.returncode == Busy.exit_code, res.stderr
         assert f"node {b.id}" in res.stderr and "nothing was unmounted" in res.stderr
+        sleeper.kill()
+        sleeper.wait()
+        sleeper = subprocess.Popen(["sleep", "60"], cwd=d.mnt / "snapshots" / snap / "sub")
+        res = subprocess.run([*OPPIEFS, "umount", str(d.mnt)], capture_output=True, text=True,
+                             timeout=60)
+        assert res.returncode == Busy.exit_code and "reads a snapshot" in res.stderr, res.stderr
         sleeper.kill()
         sleeper.wait()
         ctl = os.open(d.mnt / "ctl", os.O_RDWR)  # what a Client holds between calls
