@@ -32,7 +32,7 @@ BELOW = {
     "fs": {"errors", "vfs", "control", "tree", "store", "state"},
     "trees": {"errors", "fs", "vfs", "tree", "overlay", "store"},
     "mount": {"errors", "trees", "fs", "vfs", "control", "state", "tree", "overlay", "store"},
-    "client": {"errors"},
+    "client": {"errors", "overlay"},  # overlay: the mount table (commands go to ours only)
 }
 
 
