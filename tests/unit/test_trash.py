@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -88,7 +87,9 @@ def test_stopping_ends_the_child(manager: StateManager, monkeypatch: pytest.Monk
     _fill_trash(manager)
     shim = tmp_path / "bin"
     shim.mkdir()
-    (shim / "nice").write_text("#!/bin/sh\nexec sleep 60\n")  # an rm that takes long
+    pidfile = tmp_path / "child.pid"
+    (shim / "nice").write_text(  # an rm that takes long, and says which process it is
+        f"#!/bin/sh\necho $$ > {pidfile}\nexec sleep 60\n")
     (shim / "nice").chmod(0o755)
     monkeypatch.setenv("PATH", f"{shim}:{os.environ['PATH']}")
     stop = threading.Event()
@@ -96,5 +97,5 @@ def test_stopping_ends_the_child(manager: StateManager, monkeypatch: pytest.Monk
     start = time.monotonic()
     manager.empty_trash(stop)
     assert time.monotonic() - start < 5
-    out = subprocess.run(["pgrep", "-f", "^sleep 60$"], capture_output=True, text=True)
-    assert not out.stdout.strip(), "the deleting child outlived the stop"
+    child = Path("/proc") / pidfile.read_text().strip()  # not any `sleep 60` on the machine
+    assert not child.exists(), "the deleting child outlived the stop"
