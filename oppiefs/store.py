@@ -1152,21 +1152,21 @@ class Store:
         raw = txn.get(root, db=self.db["snapshots"])
         return SnapshotRecord.decode(root, raw) if raw else None
 
-    def _put_snapshot(self, txn: lmdb.Transaction, rec: SnapshotRecord) -> None:
+    def _put_snapshot(self, txn: lmdb.Transaction, rec: SnapshotRecord,
+                      was_listed: bool) -> None:
         """Write (or, with no refs and no pins left, delete) a snapshot record, keeping the
         listed snapshots' count and bytes in meta up to date: every record change goes
-        through here."""
-        old = self._get_snapshot(txn, rec.root)
+        through here, told whether the record was listed before (a record's bytes never
+        change, so that is all the counts need)."""
         if rec.refs == 0 and rec.pins == 0:
             txn.delete(rec.root, db=self.db["snapshots"])
             self._decref(txn, rec.root)
         else:
             txn.put(rec.root, rec.encode(), db=self.db["snapshots"])
-        was = (1, old.bytes) if old is not None and old.listed else (0, 0)
-        now = (1, rec.bytes) if rec.listed else (0, 0)
-        if was != now:
+        if rec.listed != was_listed:
+            sign = 1 if rec.listed else -1
             n, nbytes = self._listed(txn)
-            self._set_listed(txn, (n + now[0] - was[0], nbytes + now[1] - was[1]))
+            self._set_listed(txn, (n + sign, nbytes + sign * rec.bytes))
 
     def _listed(self, txn: lmdb.Transaction) -> tuple[int, int]:
         return self._meta_int(txn, b"listed"), self._meta_int(txn, b"listed_bytes")
@@ -1245,8 +1245,9 @@ class Store:
                     raise Corrupt(f"cannot publish missing tree {root.hex()}")
                 rec = SnapshotRecord(root, 0, 0, parent, time.time(), logical_bytes, files)
                 self._incref(txn, root)
+            was_listed = rec.listed
             rec.refs += 1
-            self._put_snapshot(txn, rec)
+            self._put_snapshot(txn, rec, was_listed)
             if writer.sid is not None:
                 self._end_session(txn, writer.sid)
             return rec
@@ -1264,7 +1265,7 @@ class Store:
             if rec is None or not rec.listed:
                 raise NotFound(f"no snapshot {root.hex()}")
             rec.refs -= 1
-            self._put_snapshot(txn, rec)
+            self._put_snapshot(txn, rec, True)
             return rec
 
         return self.write(fn, "prune snapshot")
@@ -1280,7 +1281,7 @@ class Store:
             if rec is None or not rec.listed:
                 raise NotFound(f"no snapshot {base.hex()}")
             rec.pins += 1
-            self._put_snapshot(txn, rec)
+            self._put_snapshot(txn, rec, True)
             txn.put(key, json.dumps(record).encode(), db=self.db["nodes"])
 
         self.write(fn, "add node")
@@ -1294,7 +1295,7 @@ class Store:
             if rec is None or rec.pins == 0:
                 raise Corrupt(f"node {name!r} had no pin on {base.hex()}")
             rec.pins -= 1
-            self._put_snapshot(txn, rec)
+            self._put_snapshot(txn, rec, rec.listed)
 
         self.write(fn, "remove node")
 
