@@ -150,6 +150,22 @@ def as_oppie_error(exc: BaseException) -> OppieError | None:
     return None
 
 
+def error_line(exc: OppieError) -> bytes:
+    """``exc`` as the one line a child process sends its parent to say why it did not
+    start (the daemon to ``oppiefs mount``, the tree server to the daemon), read back by
+    ``from_error_line`` as the same class."""
+    words = ["error", exc.errno_name, *exc.message.split()]  # one line, whatever it says
+    return " ".join(words).encode(errors="replace") + b"\n"
+
+
+def from_error_line(line: bytes) -> OppieError | None:
+    """The error an ``error_line`` carries; None for any other line."""
+    if not line.startswith(b"error "):
+        return None
+    name, _, message = line[6:].decode(errors="replace").strip().partition(" ")
+    return from_errno_name(name, message)
+
+
 def _shortened(what: str, keep: int = 240) -> str:
     """``what`` (a path, mostly) cut in the middle when long: a reply line stays readable,
     and its head and tail still say where."""

@@ -38,7 +38,9 @@ from .errors import (
     NotMounted,
     OppieError,
     as_oppie_error,
+    error_line,
     from_errno_name,
+    from_error_line,
     from_oserror,
 )
 from .fs import STATS_ENV, Operations, fuse_init, serve_requests, tune_gc, watch_signals
@@ -142,17 +144,24 @@ def check_layout(mountpoint: str, store_dir: Path) -> None:
 
 class Ready:
     """The pipe a background start waits on: one line, ``ok [problems]`` once serving or
-    ``error ERRNO message`` if the start failed (so the caller raises the same error, with
-    its exit code, instead of guessing from the log). Sent once; later sends do nothing."""
+    an ``error_line`` if the start failed (so the caller raises the same error, with its
+    exit code, instead of guessing from the log). Sent once; later sends do nothing."""
 
     def __init__(self, fd: int | None) -> None:
         self.fd = fd
 
-    def send(self, line: str) -> None:
+    def ok(self, problems: list[str]) -> None:
+        self._send(" ".join(["ok", *"; ".join(problems).split()]).encode(errors="replace")
+                   + b"\n")
+
+    def error(self, exc: OppieError) -> None:
+        self._send(error_line(exc))
+
+    def _send(self, line: bytes) -> None:
         fd, self.fd = self.fd, None
         if fd is not None:
             try:
-                os.write(fd, " ".join(line.split()).encode(errors="replace") + b"\n")
+                os.write(fd, line)
             except OSError:
                 pass  # the caller is gone: nobody to tell
             finally:
@@ -182,8 +191,8 @@ def serve(mountpoint: str, store_dir: Path, *, options: list[str] | None = None,
             os.close(mnt_fd)
     except BaseException as exc:
         err = as_oppie_error(exc)
-        ready.send(f"error {err.errno_name} {err.message}" if err is not None
-                   else f"error EIO internal error: {type(exc).__name__}: {exc}")
+        ready.error(err if err is not None
+                    else OppieError(f"internal error: {type(exc).__name__}: {exc}"))
         if err is None or err is exc:
             raise
         raise err from exc
@@ -273,7 +282,7 @@ async def _run(state: StateManager, trees: TreeServer, ready: Ready) -> None:
         nursery.start_soon(fuse_main)
         nursery.start_soon(watch_trees)
         problems = await trio.to_thread.run_sync(state.recover)
-        ready.send(" ".join(["ok", "; ".join(problems)]))
+        ready.ok(problems)
 
 
 # -- background start / stop ----------------------------------------------------------------
@@ -321,11 +330,11 @@ def start_background(mountpoint: str, store_dir: Path, *, options: list[str],
         os.close(r)
     if data.startswith(b"ok"):
         return data[2:].decode().strip()
-    if data.startswith(b"error "):
-        name, _, message = data[6:].decode(errors="replace").strip().partition(" ")
+    said = from_error_line(data)
+    if said is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)
-        raise from_errno_name(name, f"mount failed: {message} (log: {logfile})")
+        raise from_errno_name(said.errno_name, f"mount failed: {said.message} (log: {logfile})")
     try:
         proc.wait(timeout=10 if eof else 0.1)
     except subprocess.TimeoutExpired:

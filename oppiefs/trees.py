@@ -37,7 +37,7 @@ import pyfuse3
 import trio
 
 from . import overlay, tree
-from .errors import OppieError, from_errno_name
+from .errors import OppieError, error_line, from_error_line
 from .fs import Operations, fuse_init, serve_requests, tune_gc, watch_signals
 from .vfs import SNAPSHOTS_INO, Vfs
 
@@ -79,9 +79,9 @@ class TreeServer:
             ready, fds = b"", []
         if ready != b"ready\n" or len(fds) != 1:
             self.stop()
-            if ready.startswith(b"error: "):  # error: ERRNO message
-                name, _, message = ready[7:].decode(errors="replace").strip().partition(" ")
-                raise from_errno_name(name, message)
+            said = from_error_line(ready)
+            if said is not None:
+                raise said
             raise OppieError(f"the tree server did not start (it said {ready!r}; see the log)")
         self.fuse_fd = fds[0]
 
@@ -209,7 +209,7 @@ def main() -> None:
     except OppieError as exc:
         log.error("%s", exc)
         with contextlib.suppress(OSError):
-            ipc.sendall(f"error: {exc.errno_name} {exc}\n".encode())  # the mount says why
+            ipc.sendall(error_line(exc))  # the mount command says why
         sys.exit(1)
 
 
