@@ -79,7 +79,23 @@ def _fmt_time(ns_or_s: float) -> str:
 
 
 class _Main(click.Group):
-    """``oppiefs MOUNTPOINT`` is shorthand for ``oppiefs mount MOUNTPOINT``."""
+    """``oppiefs MOUNTPOINT`` is shorthand for ``oppiefs mount MOUNTPOINT``; a script that
+    asked for ``--json`` reads click's own usage errors as JSON too."""
+
+    def main(self, args: Any = None, *pos: Any, **kwargs: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        if "--json" not in argv:
+            return super().main(argv, *pos, **kwargs)
+        try:
+            rv = super().main(argv, *pos, **{**kwargs, "standalone_mode": False})
+        except click.ClickException as exc:
+            exc.show()
+            click.echo(json.dumps({"ok": False, "error": "EINVAL",
+                                   "message": exc.format_message()}))
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            _fail(Exception("interrupted"), 130, True)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
         if args and args[0] not in self.commands and not args[0].startswith("-") and (

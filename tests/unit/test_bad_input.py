@@ -170,6 +170,21 @@ def test_commands_on_a_missing_store(tmp_path: Path) -> None:
     assert not (tmp_path / "nostore").exists()
 
 
+
+def test_usage_errors_as_json(tmp_path: Path) -> None:
+    """click's own errors (a missing argument, an unknown option) reach a script that asked
+    for ``--json`` as JSON too; without ``--json`` they stay click's usage text."""
+    cli = Cli(tmp_path / "nostore")
+    for args in (("checkout", "--json"), ("ls", "--json", "--bogus"), ("log", "a", "b", "--json")):
+        res = cli(*args, expect=2)
+        reply = json.loads(res.out)
+        assert reply["ok"] is False and reply["error"] == "EINVAL" and reply["message"]
+        assert "Usage:" in res.err
+    res = cli("ls", "--bogus", expect=2)
+    assert res.out == "" and "No such option" in res.err
+    assert cli("ls", "--help", "--json").out.startswith("Usage:")
+    assert not (tmp_path / "nostore").exists()
+
 # -- permissions ----------------------------------------------------------------------------
 
 # Drops root's power to override file permissions, so a store dir owned by someone else with
