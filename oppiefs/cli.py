@@ -183,6 +183,29 @@ def checkout(snapshot: str, dest: Path, store_dir: Path | None, as_json: bool) -
           f"{root.hex()} -> {dest} ({files} files)")
 
 
+_C_ESCAPES = {0x07: b"\\a", 0x08: b"\\b", 0x09: b"\\t", 0x0A: b"\\n", 0x0B: b"\\v",
+              0x0C: b"\\f", 0x0D: b"\\r", 0x22: b'\\"', 0x5C: b"\\\\"}
+
+
+def _shown(name: bytes) -> str:
+    """A name for line-based text output, quoted the way git quotes paths when it holds a
+    control character, ``"`` or ``\\`` (a newline in a name would split its line): C escapes
+    inside double quotes. Other bytes, invalid UTF-8 too, go out as they are; ``--json``
+    gives every name exactly."""
+    if not any(b < 0x20 or b == 0x7F or b in _C_ESCAPES for b in name):
+        return os.fsdecode(name)
+    out = bytearray(b'"')
+    for b in name:
+        if b in _C_ESCAPES:
+            out += _C_ESCAPES[b]
+        elif b < 0x20 or b == 0x7F:
+            out += b"\\%03o" % b
+        else:
+            out.append(b)
+    out += b'"'
+    return os.fsdecode(bytes(out))
+
+
 def _mode_string(e: tree.Entry) -> str:
     return stat.filemode(e.st_mode)
 
@@ -227,9 +250,9 @@ def ls_cmd(spec: str | None, store_dir: Path | None, as_json: bool) -> None:
             items = [(path, entry)]
     lines = []
     for path, e in items:
-        link = f" -> {os.fsdecode(e.target)}" if e.type == tree.T_SYMLINK else ""
+        link = f" -> {_shown(e.target)}" if e.type == tree.T_SYMLINK else ""
         lines.append(f"{_mode_string(e)} {e.uid:>5} {e.gid:>5} {e.size:>12} "
-                     f"{_fmt_time(e.mtime_ns / 1e9)} {os.fsdecode(path)!s}{link}")
+                     f"{_fmt_time(e.mtime_ns / 1e9)} {_shown(path)}{link}")
     _emit(as_json, [_entry_json(p, e) for p, e in items], "\n".join(lines))
 
 
@@ -246,7 +269,7 @@ def diff(a: str, b: str, store_dir: Path | None, as_json: bool) -> None:
         ra, rb = (store.resolve(x, include_unlisted=True) for x in (a, b))
         changes = list(tree.diff_trees(tree.Reader(store), ra, rb))
     _emit(as_json, [{"status": c.status, "path": os.fsdecode(c.path)} for c in changes],
-          "\n".join(f"{c.status:<12} {os.fsdecode(c.path)}" for c in changes))
+          "\n".join(f"{c.status:<12} {_shown(c.path)}" for c in changes))
 
 
 @main.command()

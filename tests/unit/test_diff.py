@@ -8,6 +8,7 @@ from pathlib import Path
 
 from oppiefs import tree
 from oppiefs.store import Store
+from tests.cliutil import Cli
 
 FIXED = 1_700_000_000 * 10**9
 
@@ -80,3 +81,20 @@ def test_equal_subtrees_are_never_opened(store: Store, tmp_path: Path) -> None:
     assert [(c.status, c.path) for c in tree.diff_trees(reader, a, b)] == [
         ("modified", b"top")]
     assert sorted(opened) == sorted([a, b])  # the roots only: big/ is one shared subtree
+
+
+def test_text_output_quotes_names_that_would_break_lines(cli: Cli, tmp_path: Path) -> None:
+    """``ls`` and ``diff`` print one path per line: a name with a newline (or another
+    control character, a quote, a backslash) is C-quoted as git quotes it, so it cannot pass
+    for two entries; other bytes go out as they are, and ``--json`` stays exact."""
+    odd = {"new\nline": b"1", 'q"uote\\x': b"2", "tab\there": b"3", "plain name": b"4",
+           "caf\u00e9": b"5", "lnk": "tar\nget"}
+    a = cli("import", _build(tmp_path / "a", {"x": b"x"})).out.strip()
+    b = cli("import", _build(tmp_path / "b", {"x": b"x", **odd})).out.strip()
+    lines = cli("ls", b).out.splitlines()
+    shown = sorted(line.split(":", 2)[2][3:] for line in lines)  # after the HH:MM:SS
+    assert shown == sorted(['"new\\nline"', '"q\\"uote\\\\x"', '"tab\\there"', "plain name",
+                            "caf\u00e9", 'lnk -> "tar\\nget"', "x"])
+    assert sorted(c.split(None, 1)[1] for c in cli("diff", a, b).out.splitlines()) == sorted(
+        ['"new\\nline"', '"q\\"uote\\\\x"', '"tab\\there"', "plain name", "caf\u00e9", "lnk"])
+    assert {e["path"] for e in cli("ls", b, "--json").json()} == {*odd, "x"}
