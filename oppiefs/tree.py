@@ -1183,8 +1183,7 @@ def _checkout_tree(reader: Reader, tree_oid: bytes, dest: bytes) -> int:
         else:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                for data in reader.iter_content(e):
-                    _write_all(fd, data)
+                _write_content(fd, reader.iter_content(e), e.size)
             finally:
                 os.close(fd)
             count += 1
@@ -1194,6 +1193,24 @@ def _checkout_tree(reader: Reader, tree_oid: bytes, dest: bytes) -> int:
             os.chmod(path, e.mode)
         os.utime(path, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
     return count
+
+
+HOLE_MIN = 4096  # a zero chunk at least this long is left a hole (a block or more)
+
+
+def _write_content(fd: int, chunks: Iterable[bytes], size: int) -> None:
+    """Write a file's chunks, leaving chunks of zeros as holes (as ``cp --sparse=auto``
+    does): a sparse file checked out stays sparse. A zero run is stored as a chunk or two
+    that dedup, so its cost shows only here."""
+    sparse = False
+    for data in chunks:
+        if len(data) >= HOLE_MIN and data.count(0) == len(data):
+            os.lseek(fd, len(data), os.SEEK_CUR)
+            sparse = True
+        else:
+            _write_all(fd, data)
+    if sparse:
+        os.ftruncate(fd, size)  # a hole at the end
 
 
 def _write_all(fd: int, data: bytes) -> None:

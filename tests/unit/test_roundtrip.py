@@ -82,6 +82,27 @@ def test_odd_tree_round_trip_api(store_dir: Path, odd: Path, tmp_path: Path) -> 
     assert_same_tree(odd, out, owners=AS_ROOT)
 
 
+def test_sparse_file_checks_out_sparse(cli: Cli, tmp_path: Path) -> None:
+    """Runs of zeros come back as holes (a 64 MiB image with 3 small extents writes ~3
+    extents, not 64 MiB), a hole at the end too, and the bytes are the same."""
+    src = tmp_path / "src"
+    src.mkdir()
+    img = src / "disk.img"
+    with open(img, "wb") as f:
+        for at in (0, 20 << 20, 40 << 20):
+            f.seek(at)
+            f.write(os.urandom(100_000))
+        f.truncate(64 << 20)
+    (src / "zeros").write_bytes(bytes(3000))  # too short to be a hole: written
+    snap = cli("import", src).out.strip()
+    out = tmp_path / "out"
+    cli("checkout", snap, out)
+    assert (out / "disk.img").read_bytes() == img.read_bytes()
+    st = os.stat(out / "disk.img")
+    assert st.st_size == 64 << 20 and st.st_blocks * 512 < 8 << 20, st
+    assert (out / "zeros").read_bytes() == bytes(3000)
+
+
 def test_mode_bits_survive_checkout_as_set(cli: Cli, odd: Path, tmp_path: Path) -> None:
     """Spot-check the bits chown would clear and the umask would hide."""
     snap = cli("import", odd).out.strip()
