@@ -47,10 +47,19 @@ def chunk_bytes(data: bytes | memoryview) -> Iterator[bytes]:
 
 
 def chunk_file(path: bytes | str) -> Iterator[bytes]:
-    """Chunk a file: up to ``WHOLE_MAX`` one read (a small file is one chunk), larger ones
-    (or one that holds more than its size says, a file still growing) streamed."""
-    with open(path, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
+    """Chunk the file at ``path`` (see ``chunk_fd``)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        yield from chunk_fd(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+def chunk_fd(fd: int, size: int) -> Iterator[bytes]:
+    """Chunk an open file of ``size`` bytes (as last seen) from its start: up to
+    ``WHOLE_MAX`` one read (a small file is one chunk), larger ones (or one that holds more
+    than its size says, a file still growing) streamed. The caller keeps ``fd``."""
+    with open(fd, "rb", buffering=0, closefd=False) as f:
         if size <= WHOLE_MAX:
             data = f.read(size + 1)
             if len(data) <= size:  # all of it

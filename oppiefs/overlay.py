@@ -40,6 +40,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
+from . import hostfs
 from .errors import Busy, OppieError, Unsupported, from_oserror
 
 log = logging.getLogger(__name__)
@@ -360,87 +361,87 @@ REFUSED_XATTRS = (b"trusted.overlay.redirect", b"trusted.overlay.metacopy")
 
 
 class UpperItem(NamedTuple):
-    """One name in an upper dir, classified the way overlayfs means it."""
+    """One name in an upper dir, classified by its mode (``UpperDir.marks`` refines it)."""
 
     name: bytes
     path: bytes
     st: os.stat_result
-    kind: str  # whiteout | opaque-dir | dir | file | symlink
-
-    @property
-    def is_dir(self) -> bool:
-        return self.kind in ("dir", "opaque-dir")
+    kind: str  # whiteout | dir | file | symlink
 
 
-def _xattrs(path: bytes) -> list[bytes]:
+def _xattrs(fd: int) -> list[bytes]:
     try:
-        return list(map(os.fsencode, os.listxattr(path, follow_symlinks=False)))
+        return list(map(os.fsencode, os.listxattr(fd)))
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.ENODATA):
             return []
         raise
 
 
-def _has(path: bytes, names: list[bytes], wanted: tuple[bytes, ...]) -> bytes | None:
+def _has(names: list[bytes], wanted: tuple[bytes, ...]) -> bytes | None:
     for n in wanted:
         if n in names:
             return n
     return None
 
 
-def scan_upper(path: bytes) -> list[UpperItem]:
-    """Classify the entries of one upper directory (not recursive).
+_KINDS = {stat.S_IFDIR: "dir", stat.S_IFREG: "file", stat.S_IFLNK: "symlink"}
+
+
+class UpperDir:
+    """The differ's reading of an upper dir (``tree.UpperLayer``), by descriptors.
 
     Refuses redirect/metacopy xattrs: those describe data that lives in another layer, which
     this differ does not follow yet (a later fast read path needs them). A commit scans
-    every directory on its changed paths, and most names carry no xattrs at all: those
-    take one ``listxattr`` and no further test.
+    every directory on its changed paths; names are classified by mode, and the dirs and
+    files it opens anyway are checked for marks on their descriptors: most carry no xattrs
+    at all and take one ``flistxattr`` and no further test.
     """
-    try:
-        names = os.listdir(path)  # bytes in, bytes out; no DirEntry objects to make
-    except OSError as exc:
-        raise from_oserror(exc, os.fsdecode(path)) from exc
-    items = []
-    for name in names:
-        p = path + b"/" + name
+
+    def scan(self, fd: int, path: bytes) -> list[UpperItem]:
         try:
-            st = os.lstat(p)
-            mode = st.st_mode
-            if stat.S_ISLNK(mode):
-                kind = "symlink"
-            elif stat.S_ISCHR(mode) and st.st_rdev == 0:
-                kind = "whiteout"
-            else:
-                xattrs = _xattrs(p)
-                kind = _classify(p, st, xattrs) if xattrs else _KINDS.get(stat.S_IFMT(mode))
-                if kind is None:
-                    raise Unsupported(f"{os.fsdecode(p)}: cannot commit a "
-                                      f"{'FIFO' if stat.S_ISFIFO(mode) else 'special file'}")
-        except OppieError:
-            raise
+            names = os.listdir(fd)
         except OSError as exc:
-            raise from_oserror(exc, os.fsdecode(p)) from exc
-        items.append(UpperItem(name, p, st, kind))
-    return items
+            raise from_oserror(exc, os.fsdecode(path)) from exc
+        items = []
+        for name in map(os.fsencode, names):
+            p = path + b"/" + name
+            hostfs.check_length(p)
+            items.append(self.item(name, p, hostfs.lstat(fd, name, p)))
+        return items
+
+    def item(self, name: bytes, path: bytes, st: os.stat_result) -> UpperItem:
+        mode = st.st_mode
+        kind = _KINDS.get(stat.S_IFMT(mode))
+        if kind is None:
+            if not (stat.S_ISCHR(mode) and st.st_rdev == 0):
+                raise Unsupported(f"{os.fsdecode(path)}: cannot commit a "
+                                  f"{'FIFO' if stat.S_ISFIFO(mode) else 'special file'}")
+            kind = "whiteout"
+        return UpperItem(name, path, st, kind)
+
+    def marks(self, fd: int, item: UpperItem) -> str:
+        try:
+            xattrs = _xattrs(fd)
+            if not xattrs:
+                return item.kind
+            refused = _has(xattrs, REFUSED_XATTRS)
+            if refused:
+                raise Unsupported(f"{os.fsdecode(item.path)}: carries {refused.decode()}, "
+                                  "which commit cannot represent yet (mount nodes with "
+                                  "redirect_dir=off, metacopy=off)")
+            if item.kind == "dir":
+                opaque = _has(xattrs, OPAQUE_XATTRS)
+                return ("opaque-dir" if opaque is not None and os.getxattr(fd, opaque) == b"y"
+                        else "dir")
+            if item.st.st_size == 0 and _has(xattrs, WHITEOUT_XATTRS):
+                return "whiteout"
+            return item.kind
+        except OSError as exc:
+            raise from_oserror(exc, os.fsdecode(item.path)) from exc
 
 
-_KINDS = {stat.S_IFDIR: "dir", stat.S_IFREG: "file"}  # of a name without xattrs
-
-
-def _classify(p: bytes, st: os.stat_result, xattrs: list[bytes]) -> str | None:
-    """The kind of a directory or file that carries xattrs (None: neither)."""
-    refused = _has(p, xattrs, REFUSED_XATTRS)
-    if refused:
-        raise Unsupported(f"{os.fsdecode(p)}: carries {refused.decode()}, which commit "
-                          "cannot represent yet (mount nodes with redirect_dir=off, "
-                          "metacopy=off)")
-    if stat.S_ISDIR(st.st_mode):
-        opaque = _has(p, xattrs, OPAQUE_XATTRS)
-        is_opaque = opaque is not None and os.getxattr(p, opaque, follow_symlinks=False) == b"y"
-        return "opaque-dir" if is_opaque else "dir"
-    if stat.S_ISREG(st.st_mode):
-        return "whiteout" if st.st_size == 0 and _has(p, xattrs, WHITEOUT_XATTRS) else "file"
-    return None
+UPPER_DIR = UpperDir()
 
 
 if __name__ == "__main__":

@@ -291,7 +291,7 @@ class StateManager:
             parent = record["head"] or record["base"]
             with self.store.writer() as w:
                 built = tree.apply_upper(self.reader, w, root, os.fsencode(upper),
-                                         overlay.scan_upper)
+                                         overlay.UPPER_DIR)
                 record["head"] = built.oid.hex()
                 rec = self.store.publish(w, built.oid, parent=parent, logical_bytes=built.bytes,
                                          files=built.files, node=(node, record))

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import errno
 import functools
 import itertools
 import os
@@ -50,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
-from . import chunker
+from . import chunker, hostfs
 from .errors import (
     AlreadyExists,
     Corrupt,
@@ -973,10 +974,11 @@ class ImportReport:
 ProgressFn = Callable[[int, int], None]  # (bytes added, files added)
 
 
-def store_file(w: Writer, path: bytes) -> tuple[int, bytes, int]:
-    """Chunk and store one file's content -> (entry type, ref, size actually read)."""
+def store_file(w: Writer, fd: int, size: int) -> tuple[int, bytes, int]:
+    """Chunk and store the content of open file ``fd`` (``size`` bytes as last seen) ->
+    (entry type, ref, size actually read)."""
     chunks: list[tuple[bytes, int]] = []
-    for data in chunker.chunk_file(path):
+    for data in chunker.chunk_fd(fd, size):
         chunks.append((w.put(KIND_CHUNK, data, ()), len(data)))
     size = sum(n for _, n in chunks)
     if not chunks:
@@ -984,6 +986,32 @@ def store_file(w: Writer, path: bytes) -> tuple[int, bytes, int]:
     if len(chunks) == 1:
         return T_FILE, chunks[0][0], size
     return T_CHUNKED, w.put(KIND_LIST, encode_list(chunks), [c for c, _ in chunks]), size
+
+
+def read_link(dir_fd: int, name: bytes, path: bytes) -> bytes:
+    """The target of symlink ``name`` (one swapped for another kind of file since its
+    lstat(): ``hostfs.Changed``)."""
+    try:
+        target = os.readlink(name, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOENT):
+            raise hostfs.Changed from exc
+        raise
+    if len(target) > 0xFFFF:
+        raise Unsupported(f"{os.fsdecode(path)}: symlink target too long")
+    return target
+
+
+def read_file(w: Writer, dir_fd: int, name: bytes, st: os.stat_result) -> tuple[int, bytes, int]:
+    """Store regular file ``name`` of ``dir_fd``, the version lstat() saw as ``st`` and no
+    other (``hostfs.Changed`` if it is not, or changed while read)."""
+    fd = hostfs.open_file(dir_fd, name, st)
+    try:
+        found = store_file(w, fd, st.st_size)
+        hostfs.check_unchanged(fd, st)
+    finally:
+        os.close(fd)
+    return found
 
 
 MTIME_MIN, MTIME_MAX = -(1 << 63), (1 << 63) - 1  # what an entry stores: int64 ns
@@ -1041,7 +1069,8 @@ class Importer:
         self.seen: set[bytes] = set()  # regular files walked (the rest of the cache is stale)
         self._trust_before = time.time_ns() - RACY_NS
 
-    def _file(self, path: bytes, st: os.stat_result) -> tuple[int, bytes, int]:
+    def _file(self, dir_fd: int, name: bytes, path: bytes,
+              st: os.stat_result) -> tuple[int, bytes, int]:
         self.seen.add(path)
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         raw = self._cached.get(path)
@@ -1051,31 +1080,34 @@ class Importer:
                 if ref != ZERO_ID:
                     self.w.reuse(ref)
                 return etype, ref, st.st_size
-        etype, ref, size = store_file(self.w, path)
+        etype, ref, size = read_file(self.w, dir_fd, name, st)
         if (self.use_cache and size == st.st_size
                 and max(st.st_mtime_ns, st.st_ctime_ns) < self._trust_before):
             self.w.cache_file(path, _CACHE.pack(*key, etype, ref))
         return etype, ref, size
 
-    def entry(self, path: bytes, name: bytes, st: os.stat_result) -> Entry | None:
-        """Store one filesystem object; None when it is a skipped special file."""
+    def entry(self, dir_fd: int, name: bytes, path: bytes, st: os.stat_result) -> Entry | None:
+        """Store the object ``name`` of ``dir_fd`` (at host ``path``) as lstat() saw it;
+        None when it is a skipped special file."""
         mode = st.st_mode
         try:
             if stat.S_ISREG(mode):
-                etype, ref, size = self._file(path, st)
+                etype, ref, size = self._file(dir_fd, name, path, st)
                 self.report.files += 1
                 self.report.bytes += size
                 if self.progress:
                     self.progress(size, 1)
                 return entry_from_stat(path, name, st, etype, ref, size)
             if stat.S_ISDIR(mode):
-                built = self.tree(path)
+                fd = hostfs.open_dir(dir_fd, name, st)
+                try:
+                    built = self.tree(fd, path, st)
+                finally:
+                    os.close(fd)
                 self._sub.append((built.bytes, built.files))
                 return entry_from_stat(path, name, st, T_DIR, built.oid, built.entries)
             if stat.S_ISLNK(mode):
-                target = os.readlink(path)
-                if len(target) > 0xFFFF:
-                    raise Unsupported(f"{os.fsdecode(path)}: symlink target too long")
+                target = read_link(dir_fd, name, path)
                 self.report.symlinks += 1
                 return entry_from_stat(path, name, st, T_SYMLINK, size=len(target),
                                        target=target)
@@ -1088,33 +1120,44 @@ class Importer:
         raise Unsupported(f"{os.fsdecode(path)}: cannot store a {kind} "
                           "(use --skip-special to leave it out)")
 
-    def tree(self, path: bytes) -> Built:
-        """Store a directory and everything below it."""
-        entries = []
+    def tree(self, fd: int, path: bytes, st: os.stat_result) -> Built:
+        """Store open directory ``fd`` (at host ``path``, lstat() ``st``) and everything
+        below it; ``hostfs.Changed`` when it changed meanwhile (it is then read again)."""
         try:
             # In name order: objects get their slots in the order a snapshot is listed (and
             # read back), and the files cache's keys (host paths) arrive nearly sorted, so
             # each batch appends to that table instead of rewriting leaves all over it.
-            with os.scandir(path) as it:
-                items = sorted((d.name, d.path) for d in it)
+            names = sorted(map(os.fsencode, os.listdir(fd)))
         except OSError as exc:
             raise from_oserror(exc, os.fsdecode(path)) from exc
-        outer, self._sub = self._sub, []
-        outer_cached = self._cached
-        if self.use_cache:
-            paths = [child for _, child in items]
-            found = self.w.store.cached_files(paths)
-            self._cached = {p: r for p, r in zip(paths, found, strict=True) if r is not None}
-        for name, child in items:
-            try:
-                st = os.lstat(child)
-            except OSError as exc:
-                raise from_oserror(exc, os.fsdecode(child)) from exc
-            e = self.entry(child, name, st)
-            if e is not None:
-                entries.append(e)
-        sub, self._sub = self._sub, outer
-        self._cached = outer_cached
+        prefix = path.rstrip(b"/") + b"/"
+        outer, outer_cached = self._sub, self._cached
+        counted = (self.report.files, self.report.bytes, self.report.dirs,
+                   self.report.symlinks, len(self.report.skipped))
+        self._sub = []
+        try:
+            if self.use_cache:
+                paths = [prefix + name for name in names]
+                found = self.w.store.cached_files(paths)
+                self._cached = {p: r for p, r in zip(paths, found, strict=True) if r is not None}
+            entries = []
+            for name in names:
+                child = prefix + name
+                hostfs.check_length(child)
+                e = hostfs.retrying(
+                    fd, name, child, hostfs.lstat(fd, name, child),
+                    lambda st, name=name, child=child: self.entry(fd, name, child, st))
+                if e is not None:
+                    entries.append(e)
+            hostfs.check_unchanged(fd, st)
+            sub = self._sub
+        except hostfs.Changed:  # read again: count it once
+            r = self.report
+            r.files, r.bytes, r.dirs, r.symlinks = counted[:4]
+            del r.skipped[counted[4]:]
+            raise
+        finally:
+            self._sub, self._cached = outer, outer_cached
         self.report.dirs += 1
         return put_tree(self.w, entries, sum(b for b, _ in sub), sum(f for _, f in sub))
 
@@ -1142,7 +1185,7 @@ def _import(store: Store, raw: bytes, skip_special: bool, progress: ProgressFn |
     # Without the cache every file is read anyway: also verify (and heal) stored copies.
     with store.writer(heal=not use_cache) as w:
         imp = Importer(w, skip_special=skip_special, progress=progress, use_cache=use_cache)
-        root = imp.tree(raw).oid
+        root = hostfs.at_root(raw, lambda fd, st: imp.tree(fd, raw, st).oid, follow=True)
         rec = store.publish(w, root, parent=parent, logical_bytes=imp.report.bytes,
                             files=imp.report.files)
     store.forget_files(raw.rstrip(b"/") + b"/", imp.seen)
@@ -1309,14 +1352,25 @@ class UpperEntry(Protocol):
     name: bytes
     path: bytes
     st: os.stat_result
-    kind: str  # whiteout | opaque-dir | dir | file | symlink
+    kind: str  # whiteout | dir | file | symlink (by its mode: see UpperLayer.marks)
 
 
-ScanFn = Callable[[bytes], Iterable[UpperEntry]]
+class UpperLayer(Protocol):
+    """How overlayfs records changes in an upper dir (overlay.py knows; this module reads)."""
+
+    def scan(self, fd: int, path: bytes) -> Iterable[UpperEntry]:
+        """The entries of open upper directory ``fd`` (at ``path``), classified by mode."""
+
+    def item(self, name: bytes, path: bytes, st: os.stat_result) -> UpperEntry:
+        """Entry ``name`` classified by mode again, after it changed (a fresh lstat)."""
+
+    def marks(self, fd: int, item: UpperEntry) -> str:
+        """The kind of an opened dir or file given overlayfs' marks on it: opaque-dir,
+        whiteout (a file that is one), else ``item.kind``."""
 
 
 def apply_upper(reader: Reader, w: Writer, base: bytes | None, upper: bytes,
-                scan: ScanFn) -> Built:
+                layer: UpperLayer) -> Built:
     """New tree = tree ``base`` (None: empty) with the changes recorded in ``upper`` applied.
 
     A pure function of (parent tree, upper dir): unchanged entries are reused as they are
@@ -1324,15 +1378,23 @@ def apply_upper(reader: Reader, w: Writer, base: bytes | None, upper: bytes,
     paths are re-encoded (of a large directory, only the parts holding a changed name), and
     totals are kept by difference (the cost of a commit follows the size of the change,
     never the size of the tree). The caller keeps ``base`` pinned while ``w`` is open (a
-    node pins its base snapshot), so the entries it carries over are vouched for.
+    node pins its base snapshot), so the entries it carries over are vouched for. The
+    upper dir is read by descriptors (``hostfs``): what runs in the node cannot make the
+    commit follow a symlink out of it, nor store a file it is rewriting meanwhile.
     """
+    return hostfs.at_root(upper, lambda fd, st: _apply(reader, w, base, fd, upper, st, layer),
+                          follow=False)
+
+
+def _apply(reader: Reader, w: Writer, base: bytes | None, fd: int, path: bytes,
+           st: os.stat_result, layer: UpperLayer) -> Built:
     lower = reader.tree(base) if base is not None else None
     tally = lower.tally.copy() if lower is not None else Tally()
     count = tally.count
     changes: dict[bytes, Entry | None] = {}
     n = lower.size if lower is not None else 0  # entries of the new version
-    for item in scan(upper):
-        name, st, kind = item.name, item.st, item.kind
+    for item in layer.scan(fd, path):
+        name = item.name
         low = lower.get(name) if lower is not None else None
         if low is not None:
             n -= 1
@@ -1341,31 +1403,50 @@ def apply_upper(reader: Reader, w: Writer, base: bytes | None, upper: bytes,
                 count(low, -1, (t.total_bytes, t.total_files))
             else:
                 count(low, -1)
-        if kind == "whiteout":
-            changes[name] = None
-            continue
-        n += 1
-        if kind == "dir" or kind == "opaque-dir":
-            below = low.ref if kind == "dir" and low is not None and low.type == T_DIR else None
-            built = apply_upper(reader, w, below, item.path, scan)
-            e = entry_from_stat(item.path, name, st, T_DIR, built.oid, built.entries)
-            count(e, 1, (built.bytes, built.files))
-        else:
-            if kind == "symlink":
-                try:
-                    target = os.readlink(item.path)
-                except OSError as exc:
-                    raise from_oserror(exc, os.fsdecode(item.path)) from exc
-                e = entry_from_stat(item.path, name, st, T_SYMLINK, size=len(target),
-                                    target=target)
-            elif kind == "file":
-                try:
-                    etype, ref, size = store_file(w, item.path)
-                except OSError as exc:
-                    raise from_oserror(exc, os.fsdecode(item.path)) from exc
-                e = entry_from_stat(item.path, name, st, etype, ref, size)
-            else:
-                raise Unsupported(f"{os.fsdecode(item.path)}: unknown upper entry {kind}")
-            count(e, 1)
+        e, below = hostfs.retrying(  # a name found changed is looked at again (lstat)
+            fd, name, item.path, item.st,
+            lambda st, item=item, low=low: _upper_entry(  # type: ignore[misc]
+                reader, w, low, fd,
+                item if st is item.st else layer.item(item.name, item.path, st), layer))
         changes[name] = e
+        if e is not None:
+            n += 1
+            count(e, 1, below)
+    hostfs.check_unchanged(fd, st)  # no name created, removed or renamed meanwhile
     return put_changes(w, lower, changes, tally, reader, base, n)
+
+
+def _upper_entry(reader: Reader, w: Writer, low: Entry | None, fd: int, item: UpperEntry,
+                 layer: UpperLayer) -> tuple[Entry | None, tuple[int, int]]:
+    """The new entry for one upper-dir name (None: a whiteout) and the totals below it."""
+    name, path, st, kind = item.name, item.path, item.st, item.kind
+    try:
+        if kind == "whiteout":
+            return None, (0, 0)
+        if kind == "symlink":
+            target = read_link(fd, name, path)
+            return entry_from_stat(path, name, st, T_SYMLINK, size=len(target),
+                                   target=target), (0, 0)
+        if kind == "dir":
+            sub = hostfs.open_dir(fd, name, st)
+            try:
+                opaque = layer.marks(sub, item) == "opaque-dir"
+                below = low.ref if not opaque and low is not None and low.type == T_DIR else None
+                built = _apply(reader, w, below, sub, path, st, layer)
+            finally:
+                os.close(sub)
+            return (entry_from_stat(path, name, st, T_DIR, built.oid, built.entries),
+                    (built.bytes, built.files))
+        if kind == "file":
+            f = hostfs.open_file(fd, name, st)
+            try:
+                if layer.marks(f, item) == "whiteout":
+                    return None, (0, 0)
+                etype, ref, size = store_file(w, f, st.st_size)
+                hostfs.check_unchanged(f, st)
+            finally:
+                os.close(f)
+            return entry_from_stat(path, name, st, etype, ref, size), (0, 0)
+    except OSError as exc:
+        raise from_oserror(exc, os.fsdecode(path)) from exc
+    raise Unsupported(f"{os.fsdecode(path)}: unknown upper entry {kind}")

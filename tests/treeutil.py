@@ -343,7 +343,7 @@ def commit_upper(store: Store, reader: tree.Reader, base: bytes, upper: Path) ->
     """Commit a plain directory laid out as an overlay upper dir on top of ``base`` (what
     the daemon's commit does, without a mount); returns the new snapshot's root."""
     with store.writer() as w:
-        built = tree.apply_upper(reader, w, base, os.fsencode(upper), overlay.scan_upper)
+        built = tree.apply_upper(reader, w, base, os.fsencode(upper), overlay.UPPER_DIR)
         store.publish(w, built.oid, parent=base.hex(), logical_bytes=built.bytes,
                       files=built.files)
     return built.oid

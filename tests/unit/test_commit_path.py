@@ -172,7 +172,7 @@ def test_an_aborted_commit_leaves_nothing_behind(store: Store, tmp_path: Path) -
     (upper / "d" / "f3").write_bytes(b"never published")
     reader = tree.Reader(store)
     with store.writer() as w:
-        built = tree.apply_upper(reader, w, base, os.fsencode(upper), overlay.scan_upper)
+        built = tree.apply_upper(reader, w, base, os.fsencode(upper), overlay.UPPER_DIR)
         w.flush()  # written, then the session ends unpublished
         w.wait()
     assert store.exists(built.oid)

@@ -21,13 +21,13 @@ def fast_trust(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     seen: list[bytes] = []
-    real = tree.store_file
+    real = tree.read_file
 
-    def counting(w, path):  # type: ignore[no-untyped-def]
-        seen.append(path)
-        return real(w, path)
+    def counting(w, dir_fd, name, st):  # type: ignore[no-untyped-def]
+        seen.append(os.fsencode(os.readlink(f"/proc/self/fd/{dir_fd}")) + b"/" + name)
+        return real(w, dir_fd, name, st)
 
-    monkeypatch.setattr(tree, "store_file", counting)
+    monkeypatch.setattr(tree, "read_file", counting)
     return seen
 
 

@@ -2,7 +2,8 @@
 
 Only fs.py, trees.py and mount.py may import pyfuse3 or trio, only store.py lmdb, only chunker.py
 pyfastcdc; and dependencies flow one way (cli -> mount -> trees -> fs -> vfs/control ->
-state -> sweeper/tree/overlay -> store/chunker), so the storage core works without a mount.
+state -> sweeper/tree/overlay -> store/chunker/hostfs), so the storage core works without a
+mount.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ ALLOWED_THIRD_PARTY = {
 BELOW = {
     "store": {"errors"},
     "chunker": {"errors"},
-    "tree": {"errors", "store", "chunker"},
-    "overlay": {"errors"},
+    "hostfs": {"errors"},
+    "tree": {"errors", "store", "chunker", "hostfs"},
+    "overlay": {"errors", "hostfs"},
     "sweeper": {"errors", "store", "tree"},
     "state": {"errors", "store", "tree", "overlay", "sweeper"},
     "control": {"errors", "state"},

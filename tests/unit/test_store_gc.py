@@ -129,7 +129,7 @@ def test_commit_logs_increments_and_drain_applies_them(store: Store, tmp_path: P
     _tree(upper, {"big/f007": b"changed"})
     reader = tree.Reader(store)
     with store.writer() as w:
-        built = tree.apply_upper(reader, w, base.root, os.fsencode(upper), overlay.scan_upper)
+        built = tree.apply_upper(reader, w, base.root, os.fsencode(upper), overlay.UPPER_DIR)
         store.publish(w, built.oid, parent=base.root.hex(), logical_bytes=built.bytes,
                       files=built.files)
     # Totals by difference equal a full recount.

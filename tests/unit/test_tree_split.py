@@ -104,7 +104,7 @@ def test_commit_rewrites_only_touched_parts_and_matches_a_fresh_build(
             f.write(b"added")
     with store.writer() as w:
         built = tree.apply_upper(reader, w, base.root, os.fsencode(tmp_path / "upper"),
-                                 overlay.scan_upper)
+                                 overlay.UPPER_DIR)
         store.publish(w, built.oid, parent=None, logical_bytes=built.bytes, files=built.files)
     new = reader.tree(reader.lookup(built.oid, "big").ref)
     fresh_parts = [p for p in new.parts or [] if p not in (old.parts or [])]
