@@ -86,7 +86,7 @@ def run(src: Path, work: Path, iters: int, warmup: int, seed: int) -> dict[str, 
             upper_edit(upper, src, rng, files)
             t0, c0 = time.perf_counter(), time.thread_time()
             with store.writer() as w:
-                built = tree.apply_upper(reader, w, base, os.fsencode(upper), overlay.scan_upper)
+                built = tree.apply_upper(reader, w, base, os.fsencode(upper), overlay.UPPER_DIR)
                 t1, c1 = time.perf_counter(), time.thread_time()
                 w1 = thread_writes()
                 store.publish(w, built.oid, parent=base.hex(), logical_bytes=built.bytes,
