@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import struct
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -98,6 +99,50 @@ def check_unchanged(fd: int, st: os.stat_result) -> None:
     name created, removed or renamed those of its directory)."""
     if _version(os.fstat(fd)) != _version(st):
         raise Changed
+
+
+ACL_ACCESS = b"system.posix_acl_access"
+_ACL_HEAD = struct.Struct("<I")  # version 2, then entries (linux/posix_acl_xattr.h)
+_ACL_ENTRY = struct.Struct("<HHI")  # tag, permission bits, uid/gid
+_ACL_GROUP_OBJ = 0x04
+
+
+def xattr_names(fd: int) -> list[bytes]:
+    """Names of the extended attributes of open ``fd`` (none where unsupported)."""
+    try:
+        return list(map(os.fsencode, os.listxattr(fd)))
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.ENODATA):
+            return []
+        raise
+
+
+def access_mode(fd: int, st: os.stat_result, names: list[bytes]) -> int:
+    """The permission bits (07777) to store for open ``fd``, lstat() ``st``, which carries
+    the extended attributes ``names``.
+
+    A snapshot stores no ACLs. Under an ACL with named entries, the mode's group bits are
+    the ACL's mask, what named users and groups may get at most, not what the owning group
+    has: stored as they are, they would give the owning group the mask's rights when the
+    ACL is gone (``r--`` became ``rwx``). So the group bits kept are those the owning group
+    really had (its entry, within the mask): dropping an ACL only ever takes rights away.
+    """
+    mode = stat.S_IMODE(st.st_mode)
+    if ACL_ACCESS not in names:
+        return mode
+    try:
+        raw = os.getxattr(fd, ACL_ACCESS)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.ENODATA):
+            return mode  # removed meanwhile (a change: the version check sees it)
+        raise
+    body = raw[_ACL_HEAD.size:]
+    if len(raw) < _ACL_HEAD.size or len(body) % _ACL_ENTRY.size:
+        return mode & ~0o077  # unreadable: the owner's bits only, never more than it had
+    for tag, perm, _ in _ACL_ENTRY.iter_unpack(body):
+        if tag == _ACL_GROUP_OBJ:
+            return (mode & ~0o070) | (mode & ((perm & 0o7) << 3))
+    return mode
 
 
 def lstat(dir_fd: int, name: bytes, path: bytes) -> os.stat_result:

@@ -369,15 +369,6 @@ class UpperItem(NamedTuple):
     kind: str  # whiteout | dir | file | symlink
 
 
-def _xattrs(fd: int) -> list[bytes]:
-    try:
-        return list(map(os.fsencode, os.listxattr(fd)))
-    except OSError as exc:
-        if exc.errno in (errno.ENOTSUP, errno.ENODATA):
-            return []
-        raise
-
-
 def _has(names: list[bytes], wanted: tuple[bytes, ...]) -> bytes | None:
     for n in wanted:
         if n in names:
@@ -420,9 +411,8 @@ class UpperDir:
             kind = "whiteout"
         return UpperItem(name, path, st, kind)
 
-    def marks(self, fd: int, item: UpperItem) -> str:
+    def marks(self, fd: int, item: UpperItem, xattrs: list[bytes]) -> str:
         try:
-            xattrs = _xattrs(fd)
             if not xattrs:
                 return item.kind
             refused = _has(xattrs, REFUSED_XATTRS)

@@ -1002,23 +1002,27 @@ def read_link(dir_fd: int, name: bytes, path: bytes) -> bytes:
     return target
 
 
-def read_file(w: Writer, dir_fd: int, name: bytes, st: os.stat_result) -> tuple[int, bytes, int]:
+def read_file(w: Writer, dir_fd: int, name: bytes,
+              st: os.stat_result) -> tuple[int, bytes, int, int]:
     """Store regular file ``name`` of ``dir_fd``, the version lstat() saw as ``st`` and no
-    other (``hostfs.Changed`` if it is not, or changed while read)."""
+    other (``hostfs.Changed`` if it is not, or changed while read) -> (entry type, ref,
+    size, permission bits: ``hostfs.access_mode``)."""
     fd = hostfs.open_file(dir_fd, name, st)
     try:
+        mode = hostfs.access_mode(fd, st, hostfs.xattr_names(fd))
         found = store_file(w, fd, st.st_size)
         hostfs.check_unchanged(fd, st)
     finally:
         os.close(fd)
-    return found
+    return (*found, mode)
 
 
 MTIME_MIN, MTIME_MAX = -(1 << 63), (1 << 63) - 1  # what an entry stores: int64 ns
 
 
 def entry_from_stat(path: bytes, name: bytes, st: os.stat_result, etype: int,
-                    ref: bytes = ZERO_ID, size: int = 0, target: bytes = b"") -> Entry:
+                    ref: bytes = ZERO_ID, size: int = 0, target: bytes = b"",
+                    mode: int | None = None) -> Entry:
     """The entry for ``name`` (at host ``path``, which errors name).
 
     An mtime past int64 nanoseconds (after 2262-04-11: ext4 and ``touch`` take dates up to
@@ -1028,8 +1032,8 @@ def entry_from_stat(path: bytes, name: bytes, st: os.stat_result, etype: int,
         raise Unsupported(f"{os.fsdecode(path)}: its mtime ({st.st_mtime:.0f} s since 1970) "
                           "lies outside what a snapshot stores (1677-09-21 to 2262-04-11); "
                           "set another with touch")
-    return Entry(name, etype, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, size,
-                 st.st_mtime_ns, ref, target)
+    return Entry(name, etype, stat.S_IMODE(st.st_mode) if mode is None else mode, st.st_uid,
+                 st.st_gid, size, st.st_mtime_ns, ref, target)
 
 
 def _special_kind(mode: int) -> str:
@@ -1042,7 +1046,9 @@ def _special_kind(mode: int) -> str:
     return "special file"
 
 
-_CACHE = struct.Struct("<QQQqqB32s")  # dev, ino, size, mtime_ns, ctime_ns, type, ref
+# dev, ino, size, mtime_ns, ctime_ns, type, ref, permission bits (as read: access_mode).
+# Records of the older layout without the bits are misses (the file is read once more).
+_CACHE = struct.Struct("<QQQqqB32sI")
 RACY_NS = 2_000_000_000
 
 
@@ -1070,21 +1076,21 @@ class Importer:
         self._trust_before = time.time_ns() - RACY_NS
 
     def _file(self, dir_fd: int, name: bytes, path: bytes,
-              st: os.stat_result) -> tuple[int, bytes, int]:
+              st: os.stat_result) -> tuple[int, bytes, int, int]:
         self.seen.add(path)
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         raw = self._cached.get(path)
-        if raw is not None:
-            *seen, etype, ref = _CACHE.unpack(raw)
+        if raw is not None and len(raw) == _CACHE.size:
+            *seen, etype, ref, mode = _CACHE.unpack(raw)
             if tuple(seen) == key:
                 if ref != ZERO_ID:
                     self.w.reuse(ref)
-                return etype, ref, st.st_size
-        etype, ref, size = read_file(self.w, dir_fd, name, st)
+                return etype, ref, st.st_size, mode
+        etype, ref, size, mode = read_file(self.w, dir_fd, name, st)
         if (self.use_cache and size == st.st_size
                 and max(st.st_mtime_ns, st.st_ctime_ns) < self._trust_before):
-            self.w.cache_file(path, _CACHE.pack(*key, etype, ref))
-        return etype, ref, size
+            self.w.cache_file(path, _CACHE.pack(*key, etype, ref, mode))
+        return etype, ref, size, mode
 
     def entry(self, dir_fd: int, name: bytes, path: bytes, st: os.stat_result) -> Entry | None:
         """Store the object ``name`` of ``dir_fd`` (at host ``path``) as lstat() saw it;
@@ -1092,20 +1098,22 @@ class Importer:
         mode = st.st_mode
         try:
             if stat.S_ISREG(mode):
-                etype, ref, size = self._file(dir_fd, name, path, st)
+                etype, ref, size, bits = self._file(dir_fd, name, path, st)
                 self.report.files += 1
                 self.report.bytes += size
                 if self.progress:
                     self.progress(size, 1)
-                return entry_from_stat(path, name, st, etype, ref, size)
+                return entry_from_stat(path, name, st, etype, ref, size, mode=bits)
             if stat.S_ISDIR(mode):
                 fd = hostfs.open_dir(dir_fd, name, st)
                 try:
+                    bits = hostfs.access_mode(fd, st, hostfs.xattr_names(fd))
                     built = self.tree(fd, path, st)
                 finally:
                     os.close(fd)
                 self._sub.append((built.bytes, built.files))
-                return entry_from_stat(path, name, st, T_DIR, built.oid, built.entries)
+                return entry_from_stat(path, name, st, T_DIR, built.oid, built.entries,
+                                       mode=bits)
             if stat.S_ISLNK(mode):
                 target = read_link(dir_fd, name, path)
                 self.report.symlinks += 1
@@ -1364,9 +1372,10 @@ class UpperLayer(Protocol):
     def item(self, name: bytes, path: bytes, st: os.stat_result) -> UpperEntry:
         """Entry ``name`` classified by mode again, after it changed (a fresh lstat)."""
 
-    def marks(self, fd: int, item: UpperEntry) -> str:
-        """The kind of an opened dir or file given overlayfs' marks on it: opaque-dir,
-        whiteout (a file that is one), else ``item.kind``."""
+    def marks(self, fd: int, item: UpperEntry, xattrs: list[bytes]) -> str:
+        """The kind of an opened dir or file given overlayfs' marks on it (among its
+        extended attributes ``xattrs``): opaque-dir, whiteout (a file that is one), else
+        ``item.kind``."""
 
 
 def apply_upper(reader: Reader, w: Writer, base: bytes | None, upper: bytes,
@@ -1430,23 +1439,27 @@ def _upper_entry(reader: Reader, w: Writer, low: Entry | None, fd: int, item: Up
         if kind == "dir":
             sub = hostfs.open_dir(fd, name, st)
             try:
-                opaque = layer.marks(sub, item) == "opaque-dir"
+                xattrs = hostfs.xattr_names(sub)
+                opaque = layer.marks(sub, item, xattrs) == "opaque-dir"
+                mode = hostfs.access_mode(sub, st, xattrs)
                 below = low.ref if not opaque and low is not None and low.type == T_DIR else None
                 built = _apply(reader, w, below, sub, path, st, layer)
             finally:
                 os.close(sub)
-            return (entry_from_stat(path, name, st, T_DIR, built.oid, built.entries),
+            return (entry_from_stat(path, name, st, T_DIR, built.oid, built.entries, mode=mode),
                     (built.bytes, built.files))
         if kind == "file":
             f = hostfs.open_file(fd, name, st)
             try:
-                if layer.marks(f, item) == "whiteout":
+                xattrs = hostfs.xattr_names(f)
+                if layer.marks(f, item, xattrs) == "whiteout":
                     return None, (0, 0)
+                mode = hostfs.access_mode(f, st, xattrs)
                 etype, ref, size = store_file(w, f, st.st_size)
                 hostfs.check_unchanged(f, st)
             finally:
                 os.close(f)
-            return entry_from_stat(path, name, st, etype, ref, size), (0, 0)
+            return entry_from_stat(path, name, st, etype, ref, size, mode=mode), (0, 0)
     except OSError as exc:
         raise from_oserror(exc, os.fsdecode(path)) from exc
     raise Unsupported(f"{os.fsdecode(path)}: unknown upper entry {kind}")
