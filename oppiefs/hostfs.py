@@ -101,6 +101,17 @@ def check_unchanged(fd: int, st: os.stat_result) -> None:
         raise Changed
 
 
+def special_kind(mode: int) -> str:
+    """What to call a file that is neither a regular file, a directory nor a symlink."""
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device node"
+    return "special file"
+
+
 ACL_ACCESS = b"system.posix_acl_access"
 _ACL_HEAD = struct.Struct("<I")  # version 2, then entries (linux/posix_acl_xattr.h)
 _ACL_ENTRY = struct.Struct("<HHI")  # tag, permission bits, uid/gid

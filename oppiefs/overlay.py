@@ -407,7 +407,7 @@ class UpperDir:
         if kind is None:
             if not (stat.S_ISCHR(mode) and st.st_rdev == 0):
                 raise Unsupported(f"{os.fsdecode(path)}: cannot commit a "
-                                  f"{'FIFO' if stat.S_ISFIFO(mode) else 'special file'}")
+                                  f"{hostfs.special_kind(mode)}")
             kind = "whiteout"
         return UpperItem(name, path, st, kind)
 

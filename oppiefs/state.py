@@ -290,8 +290,12 @@ class StateManager:
             self._check_attached(node, merged)
             parent = record["head"] or record["base"]
             with self.store.writer() as w:
-                built = tree.apply_upper(self.reader, w, root, os.fsencode(upper),
-                                         overlay.UPPER_DIR)
+                try:
+                    built = tree.apply_upper(self.reader, w, root, os.fsencode(upper),
+                                             overlay.UPPER_DIR)
+                except OppieError as exc:  # named as the user sees it, not in the upper dir
+                    raise _renamed(exc, str(upper), str(self.mountpoint / "nodes" / node)) \
+                        from exc
                 record["head"] = built.oid.hex()
                 rec = self.store.publish(w, built.oid, parent=parent, logical_bytes=built.bytes,
                                          files=built.files, node=(node, record))
@@ -456,3 +460,10 @@ class StateManager:
                 stop.wait(gap)
         finally:
             sweeper.close()
+
+
+def _renamed(exc: OppieError, old: str, new: str) -> OppieError:
+    """``exc`` with the paths under ``old`` named under ``new`` instead."""
+    renamed = type(exc)(exc.message.replace(old, new))
+    renamed.errno_name = exc.errno_name
+    return renamed

@@ -1036,16 +1036,6 @@ def entry_from_stat(path: bytes, name: bytes, st: os.stat_result, etype: int,
                  st.st_gid, size, st.st_mtime_ns, ref, target)
 
 
-def _special_kind(mode: int) -> str:
-    if stat.S_ISFIFO(mode):
-        return "FIFO"
-    if stat.S_ISSOCK(mode):
-        return "socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "device node"
-    return "special file"
-
-
 # dev, ino, size, mtime_ns, ctime_ns, type, ref, permission bits (as read: access_mode).
 # Records of the older layout without the bits are misses (the file is read once more).
 _CACHE = struct.Struct("<QQQqqB32sI")
@@ -1121,7 +1111,7 @@ class Importer:
                                        target=target)
         except OSError as exc:
             raise from_oserror(exc, os.fsdecode(path)) from exc
-        kind = _special_kind(mode)
+        kind = hostfs.special_kind(mode)
         if self.skip_special:
             self.report.skipped.append(f"{os.fsdecode(path)} ({kind})")
             return None

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -133,10 +134,17 @@ def test_commit_refuses_special_files_and_leaves_the_node_usable(mdaemon, shared
         with pytest.raises(OppieError) as exc:
             c.commit(node)
         assert exc.value.errno == errno.EOPNOTSUPP
-        assert "sub/pipe" in exc.value.message and "FIFO" in exc.value.message
+        # Named as the user sees it (the node's path), not inside the store's upper dir.
+        assert f"{node.path}/sub/pipe: cannot commit a FIFO" in exc.value.message
         assert c.status() == before  # nothing published, nothing stored
         assert os.getxattr(merged / "kept.txt", "user.agent") == b"note"  # the node as it was
         os.unlink(merged / "sub" / "pipe")
+        with socket.socket(socket.AF_UNIX) as sock:  # a server's socket left behind
+            sock.bind(str(merged / "sub" / "sock"))
+        with pytest.raises(OppieError) as exc:
+            c.commit(node)
+        assert f"{node.path}/sub/sock: cannot commit a socket" in exc.value.message
+        os.unlink(merged / "sub" / "sock")
         child = c.commit(node)
         shown = mdaemon.mnt / "snapshots" / child / "kept.txt"
         assert shown.read_text() == "kept\n"
