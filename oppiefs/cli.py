@@ -133,7 +133,9 @@ def import_cmd(path: Path, skip_special: bool, rehash: bool, store_dir: Path | N
     mount's control file instead."""
     src = tree.host_path_ok(os.path.abspath(path))  # the same checks as ctl's import
     if mnt is not None:
-        if store_dir is not None or skip_special or rehash:
+        # An OPPIEFS_STORE in the environment is no --store given with --mount.
+        given = click.get_current_context().get_parameter_source("store_dir")
+        if given == click.core.ParameterSource.COMMANDLINE or skip_special or rehash:
             raise InvalidArgument("import --mount takes no --store, --skip-special or "
                                   "--rehash (the daemon's import has no options)")
         _ctl(mnt, as_json, lambda r: str(r["snapshot"]), "import", os.fsdecode(src))

@@ -161,9 +161,11 @@ def test_cli_import_through_the_mount(mdaemon, tmp_path):
     once; options only a store import has are refused with it. A store import that makes
     a new store says so."""
     src = make_src(tmp_path / "src", seed="via-mount")
+    env = dict(os.environ, OPPIEFS_STORE=str(tmp_path / "env-store"))  # a default, not given
     res = subprocess.run([*OPPIEFS, "import", str(src), "--mount", str(mdaemon.mnt), "--json"],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=60, env=env)
     assert res.returncode == 0, res.stderr
+    assert not (tmp_path / "env-store").exists()
     snap = json.loads(res.stdout)["snapshot"]
     assert snap in os.listdir(mdaemon.mnt / "snapshots")
     assert_same_tree(src, mdaemon.mnt / "snapshots" / snap)
