@@ -37,10 +37,12 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import errno
 import functools
 import itertools
 import os
+import shutil
 import stat
 import struct
 import threading
@@ -1198,17 +1200,34 @@ def checkout(reader: Reader, root: bytes, dest: str | os.PathLike[str]) -> int:
     """Rebuild a snapshot eagerly on disk at ``dest`` (new or empty dir); returns files."""
     out = os.fsencode(os.path.abspath(dest))
     try:
-        if os.path.lexists(out):
-            if not os.path.isdir(out) or os.listdir(out):
-                raise AlreadyExists(f"{os.fsdecode(out)}: destination exists and is not an "
-                                    "empty directory")
-        else:
+        made = not os.path.lexists(out)
+        if made:
             os.mkdir(out, 0o755)  # as a snapshot's root is shown (the umask applies)
-        count = _checkout_tree(reader, root, out)
-        # The root directory's own attributes are not stored (a snapshot is its contents).
+        elif os.path.islink(out) or not os.path.isdir(out):
+            raise AlreadyExists(f"{os.fsdecode(out)}: destination exists and is not a "
+                                "directory")
+        elif os.listdir(out):
+            raise AlreadyExists(f"{os.fsdecode(out)}: destination is not an empty directory")
     except OSError as exc:
         raise from_oserror(exc, f"checkout to {os.fsdecode(out)}") from exc
-    return count
+    try:
+        # The root directory's own attributes are not stored (a snapshot is its contents).
+        return _checkout_tree(reader, root, out)
+    except BaseException as exc:
+        # Leave the destination as it was (a retry then finds it empty, or not there).
+        for name in os.listdir(out):
+            p = os.path.join(out, name)
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(p)
+        if made:
+            with contextlib.suppress(OSError):
+                os.rmdir(out)
+        if isinstance(exc, OSError):
+            raise from_oserror(exc, f"checkout to {os.fsdecode(out)}") from exc
+        raise
 
 
 def _checkout_tree(reader: Reader, tree_oid: bytes, dest: bytes) -> int:

@@ -3,6 +3,7 @@ and leaves the store as it was; fsck names corrupted objects by id."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -148,9 +149,35 @@ def test_checkout_into_nonempty_dir(cli: Cli, tmp_path: Path, populated: str) ->
     assert _unchanged(cli) == before
     (tmp_path / "plain").write_bytes(b"")
     res = cli("checkout", populated, tmp_path / "plain", expect=errors.AlreadyExists.exit_code)
-    _one_line_error(res.err, "not an empty directory")
+    _one_line_error(res.err, "exists and is not a directory")
     cli("checkout", populated, tmp_path / "new")  # a new root shows as a snapshot's does
     assert stat.S_IMODE(os.stat(tmp_path / "new").st_mode) == 0o755 & ~_umask()
+
+
+def test_a_failed_checkout_leaves_the_destination_as_it_was(
+        store_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkout that fails halfway (here: the disk fills at the third file) removes what
+    it wrote: a retry finds an empty dir, or none, not "not an empty directory"."""
+    src = tmp_path / "src"
+    make_odd_tree(src)
+    with tree.open_store(store_dir) as store:
+        root = tree.import_dir(store, src).root
+        real, written = tree._write_content, []
+
+        def filling(fd, chunks, size):  # type: ignore[no-untyped-def]
+            if len(written) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            written.append(1)
+            return real(fd, chunks, size)
+
+        monkeypatch.setattr(tree, "_write_content", filling)
+        given = tmp_path / "given"
+        given.mkdir()
+        for dest in (given, tmp_path / "new"):
+            written.clear()
+            with pytest.raises(errors.NoSpace):
+                tree.checkout(tree.Reader(store), root, dest)
+        assert os.listdir(given) == [] and not (tmp_path / "new").exists()
 
 
 def _umask() -> int:
