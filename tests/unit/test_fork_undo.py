@@ -100,3 +100,21 @@ def test_failed_dirs_undo_the_record(manager: StateManager, store: Store, root: 
     finally:
         manager.node_root.unlink()
         manager.node_root.mkdir()
+
+
+def test_recover_reads_the_mount_table_once(manager, store, tmp_path, monkeypatch) -> None:
+    """Re-attaching nodes on mount reads /proc/self/mountinfo once, not once per node: at
+    5,000 nodes (5,000 overlays mounted) that was minutes, past the mount's ready timeout."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"f")
+    root = tree.import_dir(store, src).root
+    for i in range(30):
+        node = f"{i:012x}"
+        store.add_node(node, {"base": root.hex(), "head": None, "boot": overlay.boot_id()},
+                       root)
+        (manager.node_root / node / "upper").mkdir(parents=True)
+    real, reads = overlay.mounts, []
+    monkeypatch.setattr(overlay, "mounts", lambda: reads.append(1) or real())
+    manager.recover()  # the lower is not served here: each re-attach fails, reported
+    assert len(reads) == 1
