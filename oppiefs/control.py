@@ -94,6 +94,10 @@ class Session:
     def reply(self, reply: dict[str, Any]) -> None:
         self._out += encode_reply(reply)
 
+    def pending(self) -> int:
+        """Reply bytes not read yet."""
+        return len(self._out)
+
     def read(self, size: int) -> bytes:
         data = bytes(self._out[:size])
         del self._out[:size]

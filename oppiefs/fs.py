@@ -43,6 +43,7 @@ kernel forgets most of the inode table, the table is rebuilt, caches are dropped
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import ctypes
 import ctypes.util
@@ -318,6 +319,30 @@ def _piece(data: bytes, start: int, end: int) -> bytes | memoryview:
     return memoryview(data)[start:end]
 
 
+class _CtlHandle:
+    """One open ``ctl`` handle: its session (framing, replies) and the commands it queued.
+
+    A write queues the lines it completes and returns at once; a task of the handle runs
+    them in order, and a read waits for the next reply. The kernel holds the ctl inode's
+    lock for as long as a write is answered, so a write that ran its command held up every
+    other client's command behind it: a 15 s commit of a big node stalled every ``status``
+    and fork of the other sessions (found by a QA pass).
+    """
+
+    def __init__(self) -> None:
+        self.session = Session()
+        self.queue: collections.deque[bytes] = collections.deque()
+        self.running = False
+        self.changed = trio.Event()  # set (and replaced) when a reply is in, or all ran
+
+    def done(self) -> bool:
+        return not self.running and not self.queue
+
+    def signal(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -342,7 +367,7 @@ class Operations(pyfuse3.Operations):
             V.SNAPSHOTS_INO, V.NODES_INO)
         # The kernel's no-open mode is connection-wide: only where no ctl needs its OPEN.
         self.no_open = NO_OPEN and control is None
-        self.sessions: dict[int, Session] = {}
+        self.sessions: dict[int, _CtlHandle] = {}
         self._next_fh = 16  # ctl handles stay below FIRST_SNAPSHOT, file handles are inodes
         self._chunk = functools.lru_cache(maxsize=CHUNK_CACHE)(self.reader.chunk)
         self._node_links: dict[int, bytes] = {}  # inode -> target, live nodes only
@@ -554,7 +579,7 @@ class Operations(pyfuse3.Operations):
         if inode == V.CTL_INO and self.control is not None:
             fh = self._next_fh
             self._next_fh += 1
-            self.sessions[fh] = Session()
+            self.sessions[fh] = _CtlHandle()
             return pyfuse3.FileInfo(fh=fh, direct_io=True, nonseekable=True)
         if flags & WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
@@ -563,10 +588,13 @@ class Operations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         try:
             if fh < V.FIRST_SNAPSHOT:
-                session = self.sessions.get(fh)
-                if session is None:
+                handle = self.sessions.get(fh)
+                if handle is None:
                     raise pyfuse3.FUSEError(errno.EBADF)
-                return session.read(size)
+                while not handle.session.pending() and not handle.done():
+                    handoff_requests()  # another worker serves FUSE requests meanwhile
+                    await handle.changed.wait()
+                return handle.session.read(size)
             e = self.vfs.entry(fh)
             if e.type == T_DIR:
                 raise pyfuse3.FUSEError(errno.EISDIR)
@@ -579,14 +607,44 @@ class Operations(pyfuse3.Operations):
 
     @_fuse
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        session = self.sessions.get(fh)
-        if session is None or self.control is None:
+        handle = self.sessions.get(fh)
+        if handle is None or self.control is None:
             raise pyfuse3.FUSEError(errno.EROFS)
-        for line in session.feed(buf):
-            handoff_requests()  # the command may mount an overlay that looks us up
-            reply = await trio.to_thread.run_sync(self._execute, line)
-            session.reply(reply)
+        lines = handle.session.feed(buf)
+        if lines:
+            handle.queue.extend(lines)
+            if not handle.running:
+                handle.running = True
+                trio.lowlevel.spawn_system_task(self._run_commands, handle)
         return len(buf)
+
+    async def _run_commands(self, handle: _CtlHandle) -> None:
+        """Run a handle's queued commands in order (in worker threads: they block, and may
+        mount an overlay that looks this mount up)."""
+        try:
+            while handle.queue:
+                reply = await trio.to_thread.run_sync(self._execute, handle.queue.popleft())
+                handle.session.reply(reply)
+                handle.signal()
+        except trio.Cancelled:
+            raise
+        except Exception:  # _execute answers every error; this would be a bug
+            log.exception("ctl command runner failed")
+        finally:
+            handle.running = False
+            handle.signal()
+
+    @_fuse
+    async def flush(self, fh: int) -> None:
+        """``close()`` of a ctl handle returns once its commands ran: ``echo drop N > ctl``
+        has dropped the node when echo exits, as when writes ran their commands. Where
+        there is no ctl (the tree server), ENOSYS: the kernel then sends no FLUSH at all."""
+        if self.control is None:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+        handle = self.sessions.get(fh) if fh < V.FIRST_SNAPSHOT else None
+        while handle is not None and not handle.done():
+            handoff_requests()
+            await handle.changed.wait()
 
     def _execute(self, line: bytes) -> dict[str, Any]:
         """Run a control command (in a worker thread); then make the kernel re-read the

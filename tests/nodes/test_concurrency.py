@@ -162,3 +162,40 @@ def test_sixteen_clients_at_once(daemon, tmp_path):
     fsck_clean(daemon.store)
     log = daemon.log.read_text(errors="replace")
     assert "Traceback" not in log and "unexpected error" not in log, log[-4000:]
+
+
+def test_a_long_command_holds_up_no_other_session(mdaemon, tmp_path):
+    """Sessions run their commands at once: while one imports a 1 GiB file (a second or
+    more), a ``status`` on another handle is answered, and a ``fork`` too. The kernel holds
+    ctl's inode lock while a write is answered, so a write that ran its command queued
+    every other client's commands behind it. ``echo cmd > ctl`` still returns once it ran."""
+    (tmp_path / "small").mkdir()
+    (tmp_path / "small" / "f").write_text("f\n")
+    big = tmp_path / "big"
+    big.mkdir()
+    with open(big / "zeros", "wb") as f:
+        f.truncate(1 << 30)  # read in full by the import: zeros chunk and hash fast
+    with Client(mdaemon.mnt) as c:
+        base = c.import_(str(tmp_path / "small"))
+        answered: list[str] = []
+        importer = threading.Thread(target=lambda: answered.append(c.import_(str(big))))
+        importer.start()
+        try:
+            time.sleep(0.05)
+            with Client(mdaemon.mnt) as other:
+                during = [importer.is_alive()]
+                other.status()
+                node = other.fork(base)
+                during.append(importer.is_alive())
+                other.drop(node)
+        finally:
+            importer.join(timeout=600)
+        assert len(answered) == 1
+        assert during == [True, True], "status and fork waited for the other session's import"
+        c.prune(answered[0])
+    with open(mdaemon.mnt / "ctl", "w") as f:  # fire and forget: done once closed
+        f.write(f"fork {base}\n")
+    (node_id,) = os.listdir(mdaemon.mnt / "nodes")
+    with Client(mdaemon.mnt) as c:
+        c.drop(node_id)
+        c.prune(base)
