@@ -173,12 +173,13 @@ def _busy(path: bytes) -> Busy:
 
 
 def retrying(dir_fd: int, name: bytes, path: bytes, st: os.stat_result,
-             read: Callable[[os.stat_result], T]) -> T:
+             read: Callable[[os.stat_result], T], tries: int = TRIES) -> T:
     """``read(st)`` of the object ``name`` of ``dir_fd``, again with a fresh lstat() while
     it finds the object changed (``Changed``, raised by the object or by anything below
-    it), up to ``TRIES`` times: then EBUSY naming it. An object gone meanwhile is a change
-    of ``dir_fd`` (``Changed`` again, for its caller)."""
-    for attempt in range(TRIES):
+    it), up to ``tries`` times (those left, to a caller that tried once): then EBUSY
+    naming it. An object gone meanwhile is a change of ``dir_fd`` (``Changed`` again, for
+    its caller)."""
+    for attempt in range(tries):
         if attempt:
             st = lstat(dir_fd, name, path)
         try:

@@ -1421,11 +1421,14 @@ def _apply(reader: Reader, w: Writer, base: bytes | None, fd: int, path: bytes,
                 count(low, -1, (t.total_bytes, t.total_files))
             else:
                 count(low, -1)
-        e, below = hostfs.retrying(  # a name found changed is looked at again (lstat)
-            fd, name, item.path, item.st,
-            lambda st, item=item, low=low: _upper_entry(  # type: ignore[misc]
-                reader, w, low, fd,
-                item if st is item.st else layer.item(item.name, item.path, st), layer))
+        try:
+            e, below = _upper_entry(reader, w, low, fd, item, layer)
+        except hostfs.Changed:  # looked at again (a fresh lstat), a few times at most
+            e, below = hostfs.retrying(
+                fd, name, item.path, hostfs.lstat(fd, name, item.path),
+                lambda st, item=item, low=low: _upper_entry(  # type: ignore[misc]
+                    reader, w, low, fd, layer.item(item.name, item.path, st), layer),
+                tries=hostfs.TRIES - 1)
         changes[name] = e
         if e is not None:
             n += 1
@@ -1448,9 +1451,9 @@ def _upper_entry(reader: Reader, w: Writer, low: Entry | None, fd: int, item: Up
         if kind == "dir":
             sub = hostfs.open_dir(fd, name, st)
             try:
-                xattrs = hostfs.xattr_names(sub)
-                opaque = layer.marks(sub, item, xattrs) == "opaque-dir"
-                mode = hostfs.access_mode(sub, st, xattrs)
+                xattrs = hostfs.xattr_names(sub)  # most carry none: no further test
+                opaque = bool(xattrs) and layer.marks(sub, item, xattrs) == "opaque-dir"
+                mode = hostfs.access_mode(sub, st, xattrs) if xattrs else None
                 below = low.ref if not opaque and low is not None and low.type == T_DIR else None
                 built = _apply(reader, w, below, sub, path, st, layer)
             finally:
@@ -1461,9 +1464,9 @@ def _upper_entry(reader: Reader, w: Writer, low: Entry | None, fd: int, item: Up
             f = hostfs.open_file(fd, name, st)
             try:
                 xattrs = hostfs.xattr_names(f)
-                if layer.marks(f, item, xattrs) == "whiteout":
+                if xattrs and layer.marks(f, item, xattrs) == "whiteout":
                     return None, (0, 0)
-                mode = hostfs.access_mode(f, st, xattrs)
+                mode = hostfs.access_mode(f, st, xattrs) if xattrs else None
                 etype, ref, size = store_file(w, f, st.st_size)
                 hostfs.check_unchanged(f, st)
             finally:

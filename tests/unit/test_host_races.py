@@ -280,3 +280,15 @@ def test_a_dropped_acl_never_widens_the_owning_groups_rights(
     _set_acl(upper / "n", group_obj=0o0, mask=0o6)
     top = commit_upper(store, reader, root, upper)
     assert reader.lookup(top, "n").mode == 0o600
+
+
+def test_what_keeps_changing_in_a_node_is_busy_and_named(
+        store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = tree.import_dir(store, _src(tmp_path)).root
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    (upper / "log").write_bytes(b"first")
+    reads = _rewrite_after_first_read(monkeypatch, upper / "log", b"more", every=True)
+    with pytest.raises(errors.Busy) as info:
+        commit_upper(store, tree.Reader(store), base, upper)
+    assert len(reads) == hostfs.TRIES and str(upper / "log") in info.value.message
