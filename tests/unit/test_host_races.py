@@ -123,6 +123,15 @@ def _rewrite_after_first_read(monkeypatch: pytest.MonkeyPatch, path: Path, data:
     return reads
 
 
+def _node_with(store: Store, tmp_path: Path, name: str, data: bytes) -> tuple[bytes, Path]:
+    """A base snapshot and an upper dir on it where a node wrote file ``name``."""
+    base = tree.import_dir(store, _src(tmp_path)).root
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    (upper / name).write_bytes(data)
+    return base, upper
+
+
 def test_a_file_changed_while_imported_is_read_again(
         store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = _src(tmp_path)
@@ -134,10 +143,7 @@ def test_a_file_changed_while_imported_is_read_again(
 
 def test_a_file_changed_while_committed_is_read_again(
         store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    base = tree.import_dir(store, _src(tmp_path)).root
-    upper = tmp_path / "upper"
-    upper.mkdir()
-    (upper / "a").write_bytes(b"first")
+    base, upper = _node_with(store, tmp_path, "a", b"first")
     _rewrite_after_first_read(monkeypatch, upper / "a", b"second")
     root = commit_upper(store, tree.Reader(store), base, upper)
     assert _contents(store, root)[b"a"] == (tree.T_FILE, b"second0")
@@ -284,10 +290,7 @@ def test_a_dropped_acl_never_widens_the_owning_groups_rights(
 
 def test_what_keeps_changing_in_a_node_is_busy_and_named(
         store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    base = tree.import_dir(store, _src(tmp_path)).root
-    upper = tmp_path / "upper"
-    upper.mkdir()
-    (upper / "log").write_bytes(b"first")
+    base, upper = _node_with(store, tmp_path, "log", b"first")
     reads = _rewrite_after_first_read(monkeypatch, upper / "log", b"more", every=True)
     with pytest.raises(errors.Busy) as info:
         commit_upper(store, tree.Reader(store), base, upper)
