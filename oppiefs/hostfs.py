@@ -63,7 +63,7 @@ def _version(st: os.stat_result) -> tuple[int, int, int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _open(dir_fd: int | None, name: bytes, flags: int) -> int:
+def _open(dir_fd: int, name: bytes, flags: int) -> int:
     try:
         return os.open(name, flags, dir_fd=dir_fd)
     except OSError as exc:
@@ -74,9 +74,8 @@ def _open(dir_fd: int | None, name: bytes, flags: int) -> int:
         raise
 
 
-def open_dir(dir_fd: int | None, name: bytes, st: os.stat_result) -> int:
-    """Open directory ``name`` of ``dir_fd`` (None: ``name`` is a path, its last component
-    not followed), which lstat() saw as ``st``."""
+def open_dir(dir_fd: int, name: bytes, st: os.stat_result) -> int:
+    """Open directory ``name`` of ``dir_fd``, which lstat() saw as ``st``."""
     fd = _open(dir_fd, name, _DIR_FLAGS)
     if _identity(os.fstat(fd)) != _identity(st):
         os.close(fd)
