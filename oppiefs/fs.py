@@ -623,13 +623,14 @@ class Operations(pyfuse3.Operations):
         mount an overlay that looks this mount up)."""
         try:
             while handle.queue:
-                reply = await trio.to_thread.run_sync(self._execute, handle.queue.popleft())
+                line = handle.queue.popleft()
+                try:
+                    reply = await trio.to_thread.run_sync(self._execute, line)
+                except Exception as exc:  # _execute answers every error: this is a bug
+                    log.exception("running ctl command %r", line[:200])
+                    reply = {"ok": False, "error": "EIO", "message": f"internal error: {exc}"}
                 handle.session.reply(reply)
                 handle.signal()
-        except trio.Cancelled:
-            raise
-        except Exception:  # _execute answers every error; this would be a bug
-            log.exception("ctl command runner failed")
         finally:
             handle.running = False
             handle.signal()
