@@ -55,10 +55,6 @@ def check_length(path: bytes) -> None:
                           "to 255)")
 
 
-def _identity(st: os.stat_result) -> tuple[int, int, int]:
-    return st.st_dev, st.st_ino, stat.S_IFMT(st.st_mode)
-
-
 def _version(st: os.stat_result) -> tuple[int, int, int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
@@ -74,22 +70,22 @@ def _open(dir_fd: int, name: bytes, flags: int) -> int:
         raise
 
 
-def open_dir(dir_fd: int, name: bytes, st: os.stat_result) -> int:
-    """Open directory ``name`` of ``dir_fd``, which lstat() saw as ``st``."""
-    fd = _open(dir_fd, name, _DIR_FLAGS)
-    if _identity(os.fstat(fd)) != _identity(st):
-        os.close(fd)
-        raise Changed
-    return fd
-
-
-def open_file(dir_fd: int, name: bytes, st: os.stat_result) -> int:
-    """Open regular file ``name`` of ``dir_fd`` as lstat() saw it (``st``), unchanged."""
-    fd = _open(dir_fd, name, _FILE_FLAGS)
+def _opened(dir_fd: int, name: bytes, st: os.stat_result, flags: int) -> int:
+    fd = _open(dir_fd, name, flags)
     if _version(os.fstat(fd)) != _version(st):
         os.close(fd)
         raise Changed
     return fd
+
+
+def open_dir(dir_fd: int, name: bytes, st: os.stat_result) -> int:
+    """Open directory ``name`` of ``dir_fd`` as lstat() saw it (``st``), unchanged."""
+    return _opened(dir_fd, name, st, _DIR_FLAGS)
+
+
+def open_file(dir_fd: int, name: bytes, st: os.stat_result) -> int:
+    """Open regular file ``name`` of ``dir_fd`` as lstat() saw it (``st``), unchanged."""
+    return _opened(dir_fd, name, st, _FILE_FLAGS)
 
 
 def check_unchanged(fd: int, st: os.stat_result) -> None:
